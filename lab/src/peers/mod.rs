@@ -1,0 +1,1 @@
+//! peers (being written).

@@ -1,0 +1,1 @@
+//! The whole lab world: chain, peers, model, lab.json, and the test harness.

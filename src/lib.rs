@@ -1,0 +1,13 @@
+//! Automaton-LN: a sovereign autonomous agent that lives on its own Lightning wallet.
+//!
+//! `main.rs` only parses the command line; everything else lives here so tests can drive the real thing.
+
+pub mod agent;
+pub mod cli;
+pub mod compute;
+pub mod config;
+pub mod home;
+pub mod inference;
+pub mod setup;
+pub mod state;
+pub mod tools;
