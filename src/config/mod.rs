@@ -1,1 +1,1024 @@
-//! config (being written).
+//! The agent's configuration: built-in defaults → `automaton.yaml` → `AUTOMATON__SECTION__KEY` env → flags.
+//!
+//! Every layer is checked against the same typed `Config` with unknown keys denied, so a typo anywhere is an
+//! error that names where it came from (file and line, env var, or flag) instead of a silently ignored setting.
+
+pub mod keys;
+mod secret;
+pub mod yaml;
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::home::Home;
+pub use secret::Secret;
+
+/// Prefix of environment overrides: `AUTOMATON__INFERENCE__MODEL=gpt-4o` sets `inference.model`.
+pub const ENV_PREFIX: &str = "AUTOMATON__";
+
+/// Everything an agent is configured with. Secrets are not in here, only where to find them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub name: String,
+    pub creator: CreatorConfig,
+    pub inference: InferenceConfig,
+    pub compute: ComputeConfig,
+    pub agent: AgentConfig,
+    pub limits: LimitsConfig,
+    pub wallet: WalletConfig,
+    pub http: HttpConfig,
+}
+
+/// Who made this agent. The creator has full audit rights (constitution, law III).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CreatorConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Nostr public key (`npub1…`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub npub: Option<String>,
+    /// Lightning node id (33-byte compressed public key, hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// A message shown to the agent on its first run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Which wire protocol the inference endpoint speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum InferenceKind {
+    /// OpenAI chat completions: OpenAI, OpenRouter, ollama, llama.cpp, vLLM, Conway, the lab's scripted model.
+    #[default]
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Anthropic Messages API.
+    #[serde(rename = "anthropic")]
+    Anthropic,
+}
+
+impl InferenceKind {
+    pub const ALL: [InferenceKind; 2] = [InferenceKind::OpenAi, InferenceKind::Anthropic];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InferenceKind::OpenAi => "openai",
+            InferenceKind::Anthropic => "anthropic",
+        }
+    }
+}
+
+impl fmt::Display for InferenceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for InferenceKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "openai" => Ok(InferenceKind::OpenAi),
+            "anthropic" => Ok(InferenceKind::Anthropic),
+            other => Err(format!(
+                "unknown inference provider `{other}` (expected openai or anthropic)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InferenceConfig {
+    pub provider: InferenceKind,
+    pub base_url: String,
+    pub model: String,
+    /// Name of the environment variable holding the API key (never the key itself).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// A file holding the API key; must be mode 0600. Relative paths are relative to the home.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
+    pub max_tokens: u32,
+    pub timeout_secs: u64,
+    pub max_retries: u32,
+    /// First retry backoff in milliseconds (doubles per retry, with jitter). Owned by the inference module.
+    pub retry_base_ms: u64,
+    /// Longest backoff the runtime picks itself; a server's `Retry-After` is honoured up to `deadline_secs`.
+    pub retry_max_ms: u64,
+    /// Total time for one completion including all retries and waits.
+    pub deadline_secs: u64,
+    /// What the endpoint charges, so each call's cost can be recorded in sats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price: Option<Price>,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig {
+            provider: InferenceKind::OpenAi,
+            base_url: "https://api.openai.com/v1".to_string(),
+            model: "gpt-4o-mini".to_string(),
+            api_key_env: None,
+            api_key_file: None,
+            max_tokens: 4096,
+            timeout_secs: 120,
+            max_retries: 4,
+            retry_base_ms: 1_000,
+            retry_max_ms: 60_000,
+            deadline_secs: 600,
+            price: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input_msat_per_1k_tokens: u64,
+    pub output_msat_per_1k_tokens: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComputeConfig {
+    /// `local`: act on this machine.
+    pub provider: String,
+    /// Working directory of the compute provider; defaults to the home's `workspace/`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<PathBuf>,
+    pub exec_timeout_secs: u64,
+    pub output_cap_bytes: usize,
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        ComputeConfig {
+            provider: "local".to_string(),
+            workdir: None,
+            exec_timeout_secs: 60,
+            output_cap_bytes: 16384,
+        }
+    }
+}
+
+/// Turn-loop limits and the loop guards that keep the agent from spinning.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    pub max_tool_calls_per_turn: u32,
+    pub max_turns_per_cycle: u32,
+    /// Same tool pattern this many turns running → forced sleep.
+    pub repeat_limit: u32,
+    /// Maintenance-only turns in a row → forced sleep.
+    pub maintenance_limit: u32,
+    /// Failed turns in a row → sleep with backoff.
+    pub error_limit: u32,
+    pub context_token_budget: u32,
+    pub recent_turns: u32,
+    pub tool_result_cap_bytes: usize,
+    pub default_sleep_secs: u64,
+    pub max_sleep_secs: u64,
+    pub backoff_base_secs: u64,
+    pub backoff_max_secs: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            max_tool_calls_per_turn: 10,
+            max_turns_per_cycle: 25,
+            repeat_limit: 3,
+            maintenance_limit: 3,
+            error_limit: 5,
+            context_token_budget: 100_000,
+            recent_turns: 20,
+            tool_result_cap_bytes: 10_000,
+            default_sleep_secs: 60,
+            max_sleep_secs: 86_400,
+            backoff_base_secs: 60,
+            backoff_max_secs: 3_600,
+        }
+    }
+}
+
+/// Spending caps in sats. Enforced by the money gate (wallet issue); recorded now so setup can ask for them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub per_payment_sats: u64,
+    pub hourly_sats: u64,
+    pub daily_sats: u64,
+    /// Balance floor the agent never spends below.
+    pub reserve_sats: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            per_payment_sats: 10_000,
+            hourly_sats: 25_000,
+            daily_sats: 100_000,
+            reserve_sats: 1_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WalletConfig {
+    /// `bitcoin`, `testnet`, `signet` or `regtest`.
+    pub network: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub esplora_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lsp: Option<LspConfig>,
+}
+
+impl Default for WalletConfig {
+    fn default() -> Self {
+        WalletConfig {
+            network: "bitcoin".to_string(),
+            esplora_url: None,
+            lsp: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LspConfig {
+    pub node_id: String,
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// The agent's HTTP face.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: String::new(),
+            creator: CreatorConfig::default(),
+            inference: InferenceConfig::default(),
+            compute: ComputeConfig::default(),
+            agent: AgentConfig::default(),
+            limits: LimitsConfig::default(),
+            wallet: WalletConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded, written, or a secret read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no agent configured at {}: run `automaton setup` first", path.display())]
+    NotFound { path: PathBuf },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML or does not fit the schema (unknown key, wrong type).
+    #[error("{}", describe_parse(path, *line, *column, key.as_deref(), message))]
+    Parse {
+        path: PathBuf,
+        line: Option<usize>,
+        column: Option<usize>,
+        key: Option<String>,
+        message: String,
+    },
+    /// An env var or flag override names an unknown key or carries a value of the wrong type.
+    #[error("{origin}: {message}")]
+    Override {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    #[error("{origin}: invalid `{key}`: {reason}")]
+    Invalid {
+        origin: String,
+        key: String,
+        reason: String,
+    },
+    #[error("environment variable {var} (named by inference.api_key_env) is not set")]
+    MissingKeyEnv { var: String },
+    #[error("cannot read API key file {}: {source}", path.display())]
+    KeyFileRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "API key file {} has mode {mode:03o}; it must not be readable by group or others (chmod 600 {})",
+        path.display(),
+        path.display()
+    )]
+    KeyFileInsecure { path: PathBuf, mode: u32 },
+    #[error("API key file {} is empty", path.display())]
+    KeyFileEmpty { path: PathBuf },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot serialise the config: {0}")]
+    Serialize(String),
+}
+
+fn describe_parse(
+    path: &Path,
+    line: Option<usize>,
+    column: Option<usize>,
+    key: Option<&str>,
+    message: &str,
+) -> String {
+    let mut out = path.display().to_string();
+    if let Some(line) = line {
+        out.push_str(&format!(":{line}"));
+        if let Some(column) = column {
+            out.push_str(&format!(":{column}"));
+        }
+    }
+    match key {
+        Some(key) if message.starts_with("unknown field") => {
+            out.push_str(&format!(": unknown key `{key}` ({message})"))
+        }
+        Some(key) => out.push_str(&format!(": key `{key}`: {message}")),
+        None => out.push_str(&format!(": {message}")),
+    }
+    out
+}
+
+/// One `key=value` override from the command line (`-c inference.model=gpt-4o`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Override {
+    pub key: String,
+    pub value: String,
+}
+
+impl FromStr for Override {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (key, value) = s.split_once('=').ok_or_else(|| {
+            format!("expected KEY=VALUE (like inference.model=gpt-4o), got `{s}`")
+        })?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(format!("empty key in `{s}`"));
+        }
+        Ok(Override {
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+    }
+}
+
+impl Config {
+    /// Defaults → `automaton.yaml` → `AUTOMATON__…` environment. Flags are applied by the CLI on top.
+    pub fn load(home: &Home) -> Result<Config, ConfigError> {
+        Config::load_with(home, &env_overrides(), &[])
+    }
+
+    /// All layers, with the environment and flag overrides given explicitly (tests, the CLI).
+    pub fn load_with(
+        home: &Home,
+        env: &[(String, String)],
+        flags: &[Override],
+    ) -> Result<Config, ConfigError> {
+        let path = home.config_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ConfigError::NotFound { path })
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let mut config = Config::from_yaml(&text, &path)?;
+        for (var, value) in env {
+            let key = env_var_key(var);
+            config = config.with_override(&key, value, &format!("environment variable {var}"))?;
+        }
+        for flag in flags {
+            config = config.with_override(
+                &flag.key,
+                &flag.value,
+                &format!("flag -c {}={}", flag.key, flag.value),
+            )?;
+        }
+        config.resolve_paths(home);
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Defaults with one YAML document on top; `origin` names the file in errors.
+    pub fn from_yaml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let layer = Config::yaml_layer(text, origin)?;
+        Config::default().merged(layer, &origin.display().to_string())
+    }
+
+    /// Checks a YAML fragment against the schema and returns it as a value holding only the keys it sets,
+    /// so it can be merged over another layer (`setup --config-from`).
+    pub fn yaml_layer(text: &str, origin: &Path) -> Result<Value, ConfigError> {
+        let parse_error = |err: yaml::YamlError| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            line: err.line,
+            column: err.column,
+            key: err.key,
+            message: err.message,
+        };
+        // The typed parse runs on the text itself so its errors carry line numbers.
+        let _typed: Config = yaml::from_str(text).map_err(parse_error)?;
+        let value = yaml::to_json_value(text).map_err(parse_error)?;
+        if !value.is_object() {
+            return Err(ConfigError::Parse {
+                path: origin.to_path_buf(),
+                line: Some(1),
+                column: None,
+                key: None,
+                message: "expected a mapping of config sections".to_string(),
+            });
+        }
+        Ok(value)
+    }
+
+    /// This config with `overlay`'s keys laid over it (objects merge key by key, everything else replaces).
+    pub fn merged(&self, overlay: Value, origin: &str) -> Result<Config, ConfigError> {
+        let mut base = to_json(self)?;
+        merge_json(&mut base, overlay);
+        from_json(base).map_err(|(key, message)| ConfigError::Override {
+            origin: origin.to_string(),
+            key,
+            message,
+        })
+    }
+
+    /// This config with one dotted `key` set from a raw string, typed as YAML would type it.
+    pub fn with_override(&self, key: &str, raw: &str, origin: &str) -> Result<Config, ConfigError> {
+        let path: Vec<&str> = key.split('.').filter(|s| !s.is_empty()).collect();
+        if path.is_empty() {
+            return Err(ConfigError::Override {
+                origin: origin.to_string(),
+                key: key.to_string(),
+                message: "empty key".to_string(),
+            });
+        }
+        let base = to_json(self)?;
+        let mut first_error = None;
+        // `5` should become a number for `max_tokens` but stay a string for `model: "5"`; try both readings.
+        for candidate in [yaml::scalar_to_json(raw), Value::String(raw.to_string())] {
+            let mut value = base.clone();
+            if let Err(message) = set_path(&mut value, &path, candidate) {
+                return Err(ConfigError::Override {
+                    origin: origin.to_string(),
+                    key: key.to_string(),
+                    message,
+                });
+            }
+            match from_json::<Config>(value) {
+                Ok(config) => return Ok(config),
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        let (err_key, message) = first_error.unwrap_or_default();
+        let message = if message.starts_with("unknown field") {
+            format!("unknown key `{err_key}` ({message})")
+        } else {
+            format!("key `{err_key}`: {message}")
+        };
+        Err(ConfigError::Override {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            message,
+        })
+    }
+
+    /// Relative paths in the config are relative to the home, not to wherever the binary was started.
+    pub fn resolve_paths(&mut self, home: &Home) {
+        if let Some(p) = &self.inference.api_key_file {
+            if p.is_relative() {
+                self.inference.api_key_file = Some(home.root().join(p));
+            }
+        }
+        if let Some(p) = &self.compute.workdir {
+            if p.is_relative() {
+                self.compute.workdir = Some(home.root().join(p));
+            }
+        }
+    }
+
+    /// Checks values the types cannot: required fields, URLs, names. `origin` names the file in errors.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            reason,
+        };
+        validate_name(&self.name).map_err(|r| invalid("name", r))?;
+        validate_http_url(&self.inference.base_url)
+            .map_err(|r| invalid("inference.base_url", r))?;
+        if self.inference.model.trim().is_empty() {
+            return Err(invalid("inference.model", "must not be empty".into()));
+        }
+        if let Some(var) = &self.inference.api_key_env {
+            validate_env_var_name(var).map_err(|r| invalid("inference.api_key_env", r))?;
+        }
+        if self.inference.max_tokens == 0 {
+            return Err(invalid("inference.max_tokens", "must be at least 1".into()));
+        }
+        if self.inference.timeout_secs == 0 {
+            return Err(invalid(
+                "inference.timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.compute.provider.trim().is_empty() {
+            return Err(invalid("compute.provider", "must not be empty".into()));
+        }
+        if self.compute.exec_timeout_secs == 0 {
+            return Err(invalid(
+                "compute.exec_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        let a = &self.agent;
+        for (key, value) in [
+            ("agent.max_tool_calls_per_turn", a.max_tool_calls_per_turn),
+            ("agent.max_turns_per_cycle", a.max_turns_per_cycle),
+            ("agent.repeat_limit", a.repeat_limit),
+            ("agent.maintenance_limit", a.maintenance_limit),
+            ("agent.error_limit", a.error_limit),
+            ("agent.recent_turns", a.recent_turns),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        if a.default_sleep_secs > a.max_sleep_secs {
+            return Err(invalid(
+                "agent.default_sleep_secs",
+                format!("is larger than agent.max_sleep_secs ({})", a.max_sleep_secs),
+            ));
+        }
+        if a.backoff_base_secs > a.backoff_max_secs {
+            return Err(invalid(
+                "agent.backoff_base_secs",
+                format!(
+                    "is larger than agent.backoff_max_secs ({})",
+                    a.backoff_max_secs
+                ),
+            ));
+        }
+        let l = &self.limits;
+        if l.per_payment_sats > l.daily_sats {
+            return Err(invalid(
+                "limits.per_payment_sats",
+                format!("is larger than limits.daily_sats ({})", l.daily_sats),
+            ));
+        }
+        if l.hourly_sats > l.daily_sats {
+            return Err(invalid(
+                "limits.hourly_sats",
+                format!("is larger than limits.daily_sats ({})", l.daily_sats),
+            ));
+        }
+        if !["bitcoin", "testnet", "signet", "regtest"].contains(&self.wallet.network.as_str()) {
+            return Err(invalid(
+                "wallet.network",
+                format!(
+                    "`{}` is not one of bitcoin, testnet, signet, regtest",
+                    self.wallet.network
+                ),
+            ));
+        }
+        if let Some(url) = &self.wallet.esplora_url {
+            validate_http_url(url).map_err(|r| invalid("wallet.esplora_url", r))?;
+        }
+        if let Some(lsp) = &self.wallet.lsp {
+            validate_node_id(&lsp.node_id).map_err(|r| invalid("wallet.lsp.node_id", r))?;
+            if lsp.address.trim().is_empty() {
+                return Err(invalid("wallet.lsp.address", "must not be empty".into()));
+            }
+        }
+        if let Some(npub) = &self.creator.npub {
+            validate_npub(npub).map_err(|r| invalid("creator.npub", r))?;
+        }
+        if let Some(node_id) = &self.creator.node_id {
+            validate_node_id(node_id).map_err(|r| invalid("creator.node_id", r))?;
+        }
+        if let Some(url) = &self.http.public_url {
+            validate_http_url(url).map_err(|r| invalid("http.public_url", r))?;
+        }
+        if let Some(listen) = &self.http.listen {
+            listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|_| invalid("http.listen", format!("`{listen}` is not HOST:PORT")))?;
+        }
+        Ok(())
+    }
+
+    /// The config as it is written to `automaton.yaml`, with a header explaining the layers.
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        let body = yaml::to_string(self).map_err(|e| ConfigError::Serialize(e.message))?;
+        Ok(format!(
+            "# automaton.yaml: this agent's configuration (written by `automaton setup`).\n\
+             # Unknown keys are an error. Any key can be overridden with an environment variable\n\
+             # AUTOMATON__SECTION__KEY (e.g. AUTOMATON__INFERENCE__MODEL) or `automaton -c section.key=value`.\n\
+             # Secrets never go in here: inference.api_key_env names the variable holding the API key.\n\
+             {body}"
+        ))
+    }
+
+    /// Writes `automaton.yaml` atomically (a crash leaves the old file or the new one, never half of either).
+    pub fn write(&self, home: &Home) -> Result<(), ConfigError> {
+        let text = self.to_yaml()?;
+        write_atomic(&home.config_path(), text.as_bytes(), 0o600).map_err(|source| {
+            ConfigError::Write {
+                path: home.config_path(),
+                source,
+            }
+        })
+    }
+
+    /// Reads the API key: the env var named by `api_key_env`, else `api_key_file` (which must be mode 0600).
+    /// `Ok(None)` when the endpoint needs no key (a local model server).
+    pub fn inference_api_key(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(var) = &self.inference.api_key_env {
+            match std::env::var(var) {
+                Ok(value) if !value.trim().is_empty() => {
+                    return Ok(Some(Secret::new(value.trim())))
+                }
+                _ if self.inference.api_key_file.is_some() => {}
+                _ => return Err(ConfigError::MissingKeyEnv { var: var.clone() }),
+            }
+        }
+        if let Some(path) = &self.inference.api_key_file {
+            return read_secret_file(path).map(Some);
+        }
+        Ok(None)
+    }
+}
+
+/// Reads a secret from a file that only its owner can read.
+pub fn read_secret_file(path: &Path) -> Result<Secret, ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::KeyFileRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::KeyFileInsecure {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFileRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(ConfigError::KeyFileEmpty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(Secret::new(key))
+}
+
+/// `AUTOMATON__SECTION__KEY` variables of this process, sorted so their order of application is stable.
+pub fn env_overrides() -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.len() > ENV_PREFIX.len())
+        .collect();
+    vars.sort();
+    vars
+}
+
+/// `AUTOMATON__INFERENCE__API_KEY_ENV` → `inference.api_key_env`.
+pub fn env_var_key(var: &str) -> String {
+    var.strip_prefix(ENV_PREFIX)
+        .unwrap_or(var)
+        .split("__")
+        .map(|s| s.to_ascii_lowercase())
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Writes `path` via a temporary file in the same directory and a rename, with `mode` set before the rename.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".to_string());
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() {
+        return Err("the agent needs a name".to_string());
+    }
+    if trimmed != name {
+        return Err("must not start or end with whitespace".to_string());
+    }
+    if name.chars().count() > 64 {
+        return Err("must be at most 64 characters".to_string());
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return Err("must not contain control characters".to_string());
+    }
+    Ok(())
+}
+
+pub fn validate_http_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("`{url}` must be an http:// or https:// URL"));
+    }
+    if parsed.host_str().is_none() {
+        return Err(format!("`{url}` has no host"));
+    }
+    Ok(())
+}
+
+pub fn validate_env_var_name(var: &str) -> Result<(), String> {
+    let ok = !var.is_empty()
+        && !var.starts_with(|c: char| c.is_ascii_digit())
+        && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{var}` is not an environment variable name (letters, digits and _; this is the variable's name, not the key)"
+        ))
+    }
+}
+
+/// A Lightning node id: a 33-byte compressed secp256k1 public key in hex.
+pub fn validate_node_id(id: &str) -> Result<(), String> {
+    let ok = id.len() == 66
+        && (id.starts_with("02") || id.starts_with("03"))
+        && id.chars().all(|c| c.is_ascii_hexdigit());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{id}` is not a node id (66 hex characters starting with 02 or 03)"
+        ))
+    }
+}
+
+/// A Nostr public key in bech32 (`npub1` + 58 characters of the bech32 alphabet).
+pub fn validate_npub(npub: &str) -> Result<(), String> {
+    const BECH32: &str = "qpzry9x8gf2tvdw0s3jn54khce6mua7l";
+    let ok = npub.len() == 63
+        && npub.starts_with("npub1")
+        && npub[5..].chars().all(|c| BECH32.contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{npub}` is not an npub (npub1 followed by 58 bech32 characters)"
+        ))
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Value, ConfigError> {
+    serde_json::to_value(value).map_err(|e| ConfigError::Serialize(e.to_string()))
+}
+
+/// Deserialises with the failing key path, so override errors can name it.
+fn from_json<T: DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let message = err.into_inner().to_string();
+        let unknown = message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string);
+        let key = match (path.as_str(), unknown) {
+            (".", Some(field)) => field,
+            (parent, Some(field)) if !parent.ends_with(&field) => format!("{parent}.{field}"),
+            (parent, _) => parent.to_string(),
+        };
+        (key, message)
+    })
+}
+
+fn merge_json(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Object(base), Value::Object(overlay)) => {
+            for (key, value) in overlay {
+                match base.get_mut(&key) {
+                    Some(existing) if existing.is_object() && value.is_object() => {
+                        merge_json(existing, value)
+                    }
+                    _ => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, overlay) => *base = overlay,
+    }
+}
+
+fn set_path(root: &mut Value, path: &[&str], value: Value) -> Result<(), String> {
+    let mut node = root;
+    for (i, segment) in path.iter().enumerate() {
+        if node.is_null() {
+            *node = Value::Object(Default::default());
+        }
+        let Value::Object(map) = node else {
+            return Err(format!(
+                "`{}` is a value, not a section",
+                path[..i].join(".")
+            ));
+        };
+        if i + 1 == path.len() {
+            map.insert(segment.to_string(), value);
+            return Ok(());
+        }
+        node = map.entry(segment.to_string()).or_insert(Value::Null);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn home_with(yaml: &str) -> (tempfile::TempDir, Home) {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        std::fs::write(home.config_path(), yaml).unwrap();
+        (dir, home)
+    }
+
+    #[test]
+    fn defaults_then_file_then_env_then_flags() {
+        let (_d, home) =
+            home_with("name: ada\ninference:\n  model: file-model\n  max_tokens: 100\n");
+        let env = vec![(
+            "AUTOMATON__INFERENCE__MAX_TOKENS".to_string(),
+            "200".to_string(),
+        )];
+        let flags = vec!["agent.repeat_limit=7".parse::<Override>().unwrap()];
+        let config = Config::load_with(&home, &env, &flags).unwrap();
+        assert_eq!(config.name, "ada");
+        assert_eq!(config.inference.model, "file-model");
+        assert_eq!(config.inference.max_tokens, 200);
+        assert_eq!(config.agent.repeat_limit, 7);
+        assert_eq!(config.agent.error_limit, 5);
+        assert_eq!(config.limits.daily_sats, 100_000);
+    }
+
+    #[test]
+    fn env_string_that_looks_like_a_number_stays_a_string() {
+        let (_d, home) = home_with("name: ada\n");
+        let env = vec![("AUTOMATON__INFERENCE__MODEL".to_string(), "42".to_string())];
+        let config = Config::load_with(&home, &env, &[]).unwrap();
+        assert_eq!(config.inference.model, "42");
+    }
+
+    #[test]
+    fn unknown_env_key_is_an_error_naming_the_variable() {
+        let (_d, home) = home_with("name: ada\n");
+        let env = vec![("AUTOMATON__INFERENCE__MODLE".to_string(), "x".to_string())];
+        let err = Config::load_with(&home, &env, &[]).unwrap_err().to_string();
+        assert!(err.contains("AUTOMATON__INFERENCE__MODLE"), "{err}");
+        assert!(err.contains("inference.modle"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_key_names_file_line_and_key() {
+        let (_d, home) = home_with("name: ada\ninference:\n  model: m\n  modle: x\n");
+        let err = Config::load_with(&home, &[], &[]).unwrap_err();
+        match &err {
+            ConfigError::Parse { line, key, .. } => {
+                assert_eq!(*line, Some(4));
+                assert_eq!(key.as_deref(), Some("inference.modle"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains("automaton.yaml:4"), "{text}");
+        assert!(text.contains("inference.modle"), "{text}");
+    }
+
+    #[test]
+    fn missing_name_is_invalid() {
+        let (_d, home) = home_with("inference:\n  model: m\n");
+        let err = Config::load_with(&home, &[], &[]).unwrap_err().to_string();
+        assert!(err.contains("`name`"), "{err}");
+    }
+
+    #[test]
+    fn yaml_roundtrip() {
+        let mut config = Config {
+            name: "ada".into(),
+            ..Config::default()
+        };
+        config.wallet.lsp = Some(LspConfig {
+            node_id: format!("02{}", "a".repeat(64)),
+            address: "127.0.0.1:9735".into(),
+            token: None,
+        });
+        config.inference.price = Some(Price {
+            input_msat_per_1k_tokens: 1,
+            output_msat_per_1k_tokens: 2,
+        });
+        let text = config.to_yaml().unwrap();
+        let back = Config::from_yaml(&text, Path::new("x.yaml")).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn merge_keeps_unset_keys() {
+        let base = Config {
+            name: "ada".into(),
+            ..Config::default()
+        };
+        let layer =
+            Config::yaml_layer("inference:\n  model: other\n", Path::new("f.yaml")).unwrap();
+        let merged = base.merged(layer, "f.yaml").unwrap();
+        assert_eq!(merged.name, "ada");
+        assert_eq!(merged.inference.model, "other");
+        assert_eq!(
+            merged.inference.base_url,
+            InferenceConfig::default().base_url
+        );
+    }
+
+    #[test]
+    fn key_file_must_be_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "sk-test\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let mut config = Config::default();
+        config.inference.api_key_file = Some(path.clone());
+        let err = config.inference_api_key().unwrap_err();
+        assert!(
+            matches!(err, ConfigError::KeyFileInsecure { mode: 0o640, .. }),
+            "{err:?}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let key = config.inference_api_key().unwrap().unwrap();
+        assert_eq!(key.expose(), "sk-test");
+    }
+
+    #[test]
+    fn validators() {
+        assert!(validate_node_id(&format!("03{}", "b".repeat(64))).is_ok());
+        assert!(validate_node_id("03abc").is_err());
+        assert!(validate_npub(&format!("npub1{}", "q".repeat(58))).is_ok());
+        assert!(validate_npub("npub1xyz").is_err());
+        assert!(validate_env_var_name("OPENAI_API_KEY").is_ok());
+        assert!(validate_env_var_name("sk-123").is_err());
+        assert!(validate_http_url("ftp://x").is_err());
+        assert!(validate_http_url("http://127.0.0.1:8080/v1").is_ok());
+    }
+}
