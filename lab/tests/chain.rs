@@ -324,3 +324,29 @@ async fn subsidy_halves_every_150_blocks() {
     assert_eq!(coinbase["vout"][0]["value"], 25 * 100_000_000u64);
     assert_eq!(coinbase["vin"][0]["is_coinbase"], true);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_block_the_kernel_rejects_is_never_served() {
+    let lab = start().await;
+    let tip = lab.chain.tip_height();
+    // A coinbase claiming one BTC more than subsidy + fees: only consensus code can tell.
+    let mut greedy = lab.chain.next_template();
+    greedy.fees = 100_000_000;
+    let block = automaton_lab::chain::miner::assemble(greedy);
+    let hash = block.block_hash();
+    let err = lab.chain.submit_block(block).await.expect_err("overpaying coinbase");
+    assert!(err.to_string().contains("rejected"), "{err}");
+    assert_eq!(lab.chain.tip_height(), tip);
+    let (code, _) = lab.get_text(&format!("/block/{hash}/status")).await;
+    assert_eq!(code, 404);
+
+    // A timestamp more than two hours ahead is refused too; an honest block is accepted.
+    let mut future = lab.chain.next_template();
+    future.time += 3 * 3600;
+    assert!(lab.chain.submit_block(automaton_lab::chain::miner::assemble(future)).await.is_err());
+    let honest = automaton_lab::chain::miner::assemble(lab.chain.next_template());
+    let hash = lab.chain.submit_block(honest).await.expect("valid block");
+    assert_eq!(lab.chain.tip_height(), tip + 1);
+    let status = lab.get_json(&format!("/block/{hash}/status")).await;
+    assert_eq!(status["in_best_chain"], true);
+}

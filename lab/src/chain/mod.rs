@@ -321,6 +321,26 @@ impl Chain {
         self.blocking(move |inner| inner.submit(tx).map(|a| a.txid())).await
     }
 
+    /// Hands a block built elsewhere to the kernel (as a peer would). A block the kernel refuses is never served.
+    pub async fn submit_block(&self, block: bitcoin::Block) -> Result<BlockHash, ChainError> {
+        self.blocking(move |inner| inner.process(block)).await
+    }
+
+    /// A template for the next block on the tip, paying the lab, for callers that want to build their own.
+    pub fn next_template(&self) -> miner::Template {
+        let inner = self.lock();
+        let tip = inner.state.tip_height();
+        miner::Template {
+            prev: inner.state.tip_hash().unwrap_or_else(|| bitcoin::constants::genesis_block(Network::Regtest).block_hash()),
+            height: tip + 1,
+            time: (inner.state.median_time_past(tip) + 1).max(now()),
+            transactions: Vec::new(),
+            fees: 0,
+            payout: inner.wallet.script.clone(),
+            tag: u64::MAX - inner.counter,
+        }
+    }
+
     /// A competing branch of `depth + 1` empty blocks from tip−depth becomes the best chain.
     pub async fn reorg(&self, depth: u32) -> Result<Vec<BlockHash>, ChainError> {
         self.blocking(move |inner| inner.reorg(depth)).await
