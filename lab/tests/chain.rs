@@ -13,8 +13,8 @@ use bitcoin::script::Builder;
 use bitcoin::secp256k1::{Message, Secp256k1, SecretKey};
 use bitcoin::sighash::{EcdsaSighashType, SighashCache};
 use bitcoin::{
-    absolute, transaction, Address, Amount, BlockHash, CompressedPublicKey, Network, OutPoint, ScriptBuf, Sequence,
-    Transaction, TxIn, TxOut, Txid, Witness,
+    absolute, transaction, Address, Amount, BlockHash, CompressedPublicKey, Network, OutPoint,
+    ScriptBuf, Sequence, Transaction, TxIn, TxOut, Txid, Witness,
 };
 use serde_json::Value;
 
@@ -26,15 +26,28 @@ struct Lab {
 
 async fn start() -> Lab {
     let dir = tempfile::tempdir().expect("temp dir");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let chain = Chain::start(dir.path(), listener).await.expect("chain starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let chain = Chain::start(dir.path(), listener)
+        .await
+        .expect("chain starts");
     chain.mine(101, None).await.expect("initial blocks");
-    Lab { chain, http: reqwest::Client::new(), _dir: dir }
+    Lab {
+        chain,
+        http: reqwest::Client::new(),
+        _dir: dir,
+    }
 }
 
 impl Lab {
     async fn get_text(&self, path: &str) -> (u16, String) {
-        let resp = self.http.get(format!("{}{path}", self.chain.esplora_url())).send().await.expect("GET");
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.chain.esplora_url()))
+            .send()
+            .await
+            .expect("GET");
         (resp.status().as_u16(), resp.text().await.expect("body"))
     }
 
@@ -84,18 +97,34 @@ fn spend(prev: OutPoint, to: ScriptBuf, value: u64) -> Transaction {
     Transaction {
         version: transaction::Version::TWO,
         lock_time: absolute::LockTime::ZERO,
-        input: vec![TxIn { previous_output: prev, script_sig: ScriptBuf::new(), sequence: Sequence::MAX, witness: Witness::new() }],
-        output: vec![TxOut { value: Amount::from_sat(value), script_pubkey: to }],
+        input: vec![TxIn {
+            previous_output: prev,
+            script_sig: ScriptBuf::new(),
+            sequence: Sequence::MAX,
+            witness: Witness::new(),
+        }],
+        output: vec![TxOut {
+            value: Amount::from_sat(value),
+            script_pubkey: to,
+        }],
     }
 }
 
 fn sign_p2wpkh(tx: &mut Transaction, key: &Key, prev_value: u64) {
     let script = key.address().script_pubkey();
     let sighash = SighashCache::new(&*tx)
-        .p2wpkh_signature_hash(0, &script, Amount::from_sat(prev_value), EcdsaSighashType::All)
+        .p2wpkh_signature_hash(
+            0,
+            &script,
+            Amount::from_sat(prev_value),
+            EcdsaSighashType::All,
+        )
         .expect("sighash");
     let signature = Secp256k1::new().sign_ecdsa(&Message::from(sighash), &key.secret);
-    let signature = bitcoin::ecdsa::Signature { signature, sighash_type: EcdsaSighashType::All };
+    let signature = bitcoin::ecdsa::Signature {
+        signature,
+        sighash_type: EcdsaSighashType::All,
+    };
     tx.input[0].witness = Witness::p2wpkh(&signature, &key.public.0);
 }
 
@@ -109,7 +138,10 @@ async fn fund(lab: &Lab, address: &Address, sats: u64) -> OutPoint {
         .iter()
         .position(|o| o["scriptpubkey"] == address.script_pubkey().to_hex_string())
         .expect("output to address");
-    OutPoint { txid, vout: vout as u32 }
+    OutPoint {
+        txid,
+        vout: vout as u32,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -129,12 +161,21 @@ async fn relative_timelock_is_enforced_to_the_block() {
     tx.input[0].witness = Witness::from_slice(&[witness_script.as_bytes()]);
 
     // The coin has 1 confirmation; the spend can be in a block only at depth `delay`.
-    lab.chain.mine((delay - 2) as u32, None).await.expect("mine");
-    let early = lab.broadcast(&tx).await.expect_err("one block early must be refused");
+    lab.chain
+        .mine((delay - 2) as u32, None)
+        .await
+        .expect("mine");
+    let early = lab
+        .broadcast(&tx)
+        .await
+        .expect_err("one block early must be refused");
     assert!(early.contains("non-BIP68-final"), "{early}");
 
     lab.chain.mine(1, None).await.expect("mine");
-    let txid = lab.broadcast(&tx).await.expect("accepted at exactly the delay");
+    let txid = lab
+        .broadcast(&tx)
+        .await
+        .expect("accepted at exactly the delay");
     assert_eq!(txid, tx.compute_txid().to_string());
     lab.chain.mine(1, None).await.expect("mine");
     let status = lab.get_json(&format!("/tx/{txid}/status")).await;
@@ -154,12 +195,18 @@ async fn bad_transactions_are_rejected_with_a_reason() {
     forged_witness[1] = alice.public.to_bytes().to_vec(); // right pubkey, wrong signature
     forged.input[0].witness = Witness::from_slice(&forged_witness);
     let reason = lab.broadcast(&forged).await.expect_err("bad signature");
-    assert!(reason.contains("mandatory-script-verify-flag-failed"), "{reason}");
+    assert!(
+        reason.contains("mandatory-script-verify-flag-failed"),
+        "{reason}"
+    );
 
     // Inputs worth less than outputs.
     let mut greedy = spend(coin, Key::new(2).address().script_pubkey(), 60_000);
     sign_p2wpkh(&mut greedy, &alice, 50_000);
-    let reason = lab.broadcast(&greedy).await.expect_err("value out > value in");
+    let reason = lab
+        .broadcast(&greedy)
+        .await
+        .expect_err("value out > value in");
     assert!(reason.contains("bad-txns-in-belowout"), "{reason}");
 
     // A non-final absolute lock time.
@@ -181,21 +228,44 @@ async fn bad_transactions_are_rejected_with_a_reason() {
     let reason = lab.broadcast(&second).await.expect_err("double spend");
     assert!(reason.contains("txn-mempool-conflict"), "{reason}");
     lab.chain.mine(1, None).await.expect("mine");
-    let reason = lab.broadcast(&second).await.expect_err("double spend of a confirmed spend");
+    let reason = lab
+        .broadcast(&second)
+        .await
+        .expect_err("double spend of a confirmed spend");
     assert!(reason.contains("missingorspent"), "{reason}");
 
     // An immature coinbase.
     let miner = Key::new(5);
-    let hashes = lab.chain.mine(1, Some(miner.address())).await.expect("mine to key");
+    let hashes = lab
+        .chain
+        .mine(1, Some(miner.address()))
+        .await
+        .expect("mine to key");
     let block_txids: Value = lab.get_json(&format!("/block/{}/txids", hashes[0])).await;
     let coinbase = Txid::from_str(block_txids[0].as_str().expect("txid")).expect("txid");
-    let mut premature = spend(OutPoint { txid: coinbase, vout: 0 }, Key::new(2).address().script_pubkey(), 1_000_000);
+    let mut premature = spend(
+        OutPoint {
+            txid: coinbase,
+            vout: 0,
+        },
+        Key::new(2).address().script_pubkey(),
+        1_000_000,
+    );
     sign_p2wpkh(&mut premature, &miner, 50 * 100_000_000);
-    let reason = lab.broadcast(&premature).await.expect_err("immature coinbase");
+    let reason = lab
+        .broadcast(&premature)
+        .await
+        .expect_err("immature coinbase");
     assert!(reason.contains("premature-spend-of-coinbase"), "{reason}");
 
     // Garbage is refused without harm.
-    let resp = lab.http.post(format!("{}/tx", lab.chain.esplora_url())).body("zz").send().await.expect("post");
+    let resp = lab
+        .http
+        .post(format!("{}/tx", lab.chain.esplora_url()))
+        .body("zz")
+        .send()
+        .await
+        .expect("post");
     assert_eq!(resp.status().as_u16(), 400);
 }
 
@@ -205,23 +275,36 @@ async fn merkle_proofs_headers_and_history_are_real() {
     let key = Key::new(7);
     let coin = fund(&lab, &key.address(), 70_000).await;
     let status = lab.get_json(&format!("/tx/{}/status", coin.txid)).await;
-    let block_hash = BlockHash::from_str(status["block_hash"].as_str().expect("hash")).expect("hash");
+    let block_hash =
+        BlockHash::from_str(status["block_hash"].as_str().expect("hash")).expect("hash");
 
-    let (code, proof_hex) = lab.get_text(&format!("/tx/{}/merkleblock-proof", coin.txid)).await;
+    let (code, proof_hex) = lab
+        .get_text(&format!("/tx/{}/merkleblock-proof", coin.txid))
+        .await;
     assert_eq!(code, 200);
-    let proof: MerkleBlock = deserialize(&hex::decode(proof_hex.trim()).expect("hex")).expect("merkleblock");
+    let proof: MerkleBlock =
+        deserialize(&hex::decode(proof_hex.trim()).expect("hex")).expect("merkleblock");
     assert_eq!(proof.header.block_hash(), block_hash);
     let mut matches = Vec::new();
     let mut indexes = Vec::new();
-    let root = proof.txn.extract_matches(&mut matches, &mut indexes).expect("valid partial tree");
+    let root = proof
+        .txn
+        .extract_matches(&mut matches, &mut indexes)
+        .expect("valid partial tree");
     assert_eq!(root, proof.header.merkle_root);
     assert_eq!(matches, vec![coin.txid]);
 
     let (_, header_hex) = lab.get_text(&format!("/block/{block_hash}/header")).await;
-    let header: bitcoin::block::Header = deserialize(&hex::decode(header_hex.trim()).expect("hex")).expect("header");
+    let header: bitcoin::block::Header =
+        deserialize(&hex::decode(header_hex.trim()).expect("hex")).expect("header");
     assert_eq!(header.block_hash(), block_hash);
     let (_, raw) = {
-        let resp = lab.http.get(format!("{}/tx/{}/raw", lab.chain.esplora_url(), coin.txid)).send().await.expect("raw");
+        let resp = lab
+            .http
+            .get(format!("{}/tx/{}/raw", lab.chain.esplora_url(), coin.txid))
+            .send()
+            .await
+            .expect("raw");
         (resp.status(), resp.bytes().await.expect("bytes"))
     };
     let tx: Transaction = deserialize(&raw).expect("raw tx");
@@ -231,15 +314,32 @@ async fn merkle_proofs_headers_and_history_are_real() {
     let mut pending = spend(coin, Key::new(8).address().script_pubkey(), 69_000);
     sign_p2wpkh(&mut pending, &key, 70_000);
     let pending_txid = lab.broadcast(&pending).await.expect("spend");
-    let (code, _) = lab.get_text(&format!("/tx/{pending_txid}/merkleblock-proof")).await;
+    let (code, _) = lab
+        .get_text(&format!("/tx/{pending_txid}/merkleblock-proof"))
+        .await;
     assert_eq!(code, 404);
 
     // Script history: the mempool spend first, then the confirmed funding.
     let sh = bitcoin::hashes::sha256::Hash::hash(key.address().script_pubkey().as_bytes());
-    let history = lab.get_json(&format!("/scripthash/{}/txs", hex::encode(sh.to_byte_array()))).await;
-    let ids: Vec<&str> = history.as_array().expect("list").iter().map(|t| t["txid"].as_str().expect("txid")).collect();
-    assert_eq!(ids, vec![pending_txid.as_str(), coin.txid.to_string().as_str()]);
-    let outspend = lab.get_json(&format!("/tx/{}/outspend/{}", coin.txid, coin.vout)).await;
+    let history = lab
+        .get_json(&format!(
+            "/scripthash/{}/txs",
+            hex::encode(sh.to_byte_array())
+        ))
+        .await;
+    let ids: Vec<&str> = history
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|t| t["txid"].as_str().expect("txid"))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![pending_txid.as_str(), coin.txid.to_string().as_str()]
+    );
+    let outspend = lab
+        .get_json(&format!("/tx/{}/outspend/{}", coin.txid, coin.vout))
+        .await;
     assert_eq!(outspend["spent"], true);
     assert_eq!(outspend["txid"], pending_txid);
 
@@ -249,7 +349,10 @@ async fn merkle_proofs_headers_and_history_are_real() {
     assert_eq!(blocks.len(), 10);
     for pair in blocks.windows(2) {
         assert_eq!(pair[0]["previousblockhash"], pair[1]["id"]);
-        assert_eq!(pair[0]["height"].as_u64().expect("h"), pair[1]["height"].as_u64().expect("h") + 1);
+        assert_eq!(
+            pair[0]["height"].as_u64().expect("h"),
+            pair[1]["height"].as_u64().expect("h") + 1
+        );
     }
     let tip = blocks[0]["height"].as_u64().expect("h");
     let (_, at_tip) = lab.get_text(&format!("/block-height/{tip}")).await;
@@ -268,7 +371,10 @@ async fn a_reorg_replaces_blocks_and_returns_transactions_to_the_mempool() {
     let txid = lab.broadcast(&tx).await.expect("spend");
     let mined = lab.chain.mine(2, None).await.expect("mine");
     let height_before = lab.chain.tip_height();
-    assert_eq!(lab.get_json(&format!("/tx/{txid}/status")).await["confirmed"], true);
+    assert_eq!(
+        lab.get_json(&format!("/tx/{txid}/status")).await["confirmed"],
+        true
+    );
 
     let branch = lab.chain.reorg(2).await.expect("reorg");
     assert_eq!(branch.len(), 3);
@@ -277,20 +383,30 @@ async fn a_reorg_replaces_blocks_and_returns_transactions_to_the_mempool() {
         let status = lab.get_json(&format!("/block/{stale}/status")).await;
         assert_eq!(status["in_best_chain"], false, "stale block {stale}");
     }
-    let (_, at) = lab.get_text(&format!("/block-height/{}", height_before)).await;
+    let (_, at) = lab
+        .get_text(&format!("/block-height/{}", height_before))
+        .await;
     assert_eq!(at, branch[1].to_string());
     let fork = lab.get_json(&format!("/block/{}/status", branch[0])).await;
     assert_eq!(fork["next_best"], branch[1].to_string());
     // The spend was in a dropped block: it is back in the mempool, unconfirmed.
-    assert_eq!(lab.get_json(&format!("/tx/{txid}/status")).await["confirmed"], false);
+    assert_eq!(
+        lab.get_json(&format!("/tx/{txid}/status")).await["confirmed"],
+        false
+    );
     lab.chain.mine(1, None).await.expect("mine");
-    assert_eq!(lab.get_json(&format!("/tx/{txid}/status")).await["confirmed"], true);
+    assert_eq!(
+        lab.get_json(&format!("/tx/{txid}/status")).await["confirmed"],
+        true
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_chain_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let chain = Chain::start(dir.path(), listener).await.expect("start");
     chain.mine(120, None).await.expect("mine");
     let address = Key::new(13).address();
@@ -299,7 +415,9 @@ async fn a_restarted_chain_resumes_where_it_stopped() {
     chain.shutdown().await;
     drop(chain);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let chain = Chain::start(dir.path(), listener).await.expect("restart");
     assert_eq!(chain.tip_height(), tip);
     let body: Value = reqwest::get(format!("{}/tx/{txid}", chain.esplora_url()))
@@ -309,18 +427,29 @@ async fn a_restarted_chain_resumes_where_it_stopped() {
         .await
         .expect("json");
     assert_eq!(body["status"]["confirmed"], true);
-    chain.mine(1, None).await.expect("the restarted chain still mines");
+    chain
+        .mine(1, None)
+        .await
+        .expect("the restarted chain still mines");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn subsidy_halves_every_150_blocks() {
-    assert_eq!(automaton_lab::chain::miner::block_subsidy(149), 50 * 100_000_000);
-    assert_eq!(automaton_lab::chain::miner::block_subsidy(150), 25 * 100_000_000);
+    assert_eq!(
+        automaton_lab::chain::miner::block_subsidy(149),
+        50 * 100_000_000
+    );
+    assert_eq!(
+        automaton_lab::chain::miner::block_subsidy(150),
+        25 * 100_000_000
+    );
     let lab = start().await;
     lab.chain.mine(50, None).await.expect("mine to 151");
     let hash = lab.get_text("/block-height/151").await.1;
     let txids = lab.get_json(&format!("/block/{hash}/txids")).await;
-    let coinbase = lab.get_json(&format!("/tx/{}", txids[0].as_str().expect("txid"))).await;
+    let coinbase = lab
+        .get_json(&format!("/tx/{}", txids[0].as_str().expect("txid")))
+        .await;
     assert_eq!(coinbase["vout"][0]["value"], 25 * 100_000_000u64);
     assert_eq!(coinbase["vin"][0]["is_coinbase"], true);
 }
@@ -334,7 +463,11 @@ async fn a_block_the_kernel_rejects_is_never_served() {
     greedy.fees = 100_000_000;
     let block = automaton_lab::chain::miner::assemble(greedy);
     let hash = block.block_hash();
-    let err = lab.chain.submit_block(block).await.expect_err("overpaying coinbase");
+    let err = lab
+        .chain
+        .submit_block(block)
+        .await
+        .expect_err("overpaying coinbase");
     assert!(err.to_string().contains("rejected"), "{err}");
     assert_eq!(lab.chain.tip_height(), tip);
     let (code, _) = lab.get_text(&format!("/block/{hash}/status")).await;
@@ -343,10 +476,85 @@ async fn a_block_the_kernel_rejects_is_never_served() {
     // A timestamp more than two hours ahead is refused too; an honest block is accepted.
     let mut future = lab.chain.next_template();
     future.time += 3 * 3600;
-    assert!(lab.chain.submit_block(automaton_lab::chain::miner::assemble(future)).await.is_err());
+    assert!(lab
+        .chain
+        .submit_block(automaton_lab::chain::miner::assemble(future))
+        .await
+        .is_err());
     let honest = automaton_lab::chain::miner::assemble(lab.chain.next_template());
     let hash = lab.chain.submit_block(honest).await.expect("valid block");
     assert_eq!(lab.chain.tip_height(), tip + 1);
     let status = lab.get_json(&format!("/block/{hash}/status")).await;
     assert_eq!(status["in_best_chain"], true);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn time_based_relative_locks_follow_median_time_past() {
+    let lab = start().await;
+    let witness_script = Builder::new()
+        .push_int(Sequence::from_512_second_intervals(2).0 as i64)
+        .push_opcode(OP_CSV)
+        .push_opcode(OP_DROP)
+        .push_opcode(OP_TRUE)
+        .into_script();
+    let address = Address::p2wsh(&witness_script, Network::Regtest);
+    let coin = fund(&lab, &address, 100_000).await;
+    let mut tx = spend(coin, Key::new(21).address().script_pubkey(), 99_000);
+    tx.input[0].sequence = Sequence::from_512_second_intervals(2);
+    tx.input[0].witness = Witness::from_slice(&[witness_script.as_bytes()]);
+    let reason = lab
+        .broadcast(&tx)
+        .await
+        .expect_err("1024 s have not passed");
+    assert!(reason.contains("non-BIP68-final"), "{reason}");
+
+    // Block times jump ahead, but the median of the last 11 lags: three new blocks are not enough.
+    lab.chain.advance_time(2_000).expect("advance");
+    lab.chain.mine(3, None).await.expect("mine");
+    let reason = lab
+        .broadcast(&tx)
+        .await
+        .expect_err("median-time-past still behind");
+    assert!(reason.contains("non-BIP68-final"), "{reason}");
+    lab.chain.mine(4, None).await.expect("mine");
+    lab.broadcast(&tx)
+        .await
+        .expect("median-time-past has passed the lock");
+    assert!(
+        lab.chain.advance_time(10_000).is_err(),
+        "the kernel would refuse blocks that far ahead"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fault_switches_make_the_chain_source_flaky_on_demand() {
+    let lab = start().await;
+    lab.chain.set_faults(automaton_lab::chain::Faults {
+        error_status: Some(503),
+        error_count: 2,
+        empty_fee_estimates: true,
+        proof_lag_blocks: 1,
+        ..Default::default()
+    });
+    assert_eq!(lab.get_text("/blocks/tip/height").await.0, 503);
+    assert_eq!(lab.get_text("/blocks/tip/height").await.0, 503);
+    assert_eq!(lab.get_text("/blocks/tip/height").await.0, 200);
+    assert_eq!(lab.get_json("/fee-estimates").await, serde_json::json!({}));
+    let coin = fund(&lab, &Key::new(22).address(), 10_000).await;
+    assert_eq!(
+        lab.get_text(&format!("/tx/{}/merkleblock-proof", coin.txid))
+            .await
+            .0,
+        404
+    );
+    lab.chain.mine(1, None).await.expect("mine");
+    assert_eq!(
+        lab.get_text(&format!("/tx/{}/merkleblock-proof", coin.txid))
+            .await
+            .0,
+        200
+    );
+    lab.chain.set_faults(Default::default());
+    let estimates = lab.get_json("/fee-estimates").await;
+    assert_eq!(estimates["1"], 1.0);
 }

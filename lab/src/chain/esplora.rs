@@ -4,8 +4,10 @@
 use std::str::FromStr;
 
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -35,7 +37,10 @@ pub fn router(chain: Chain) -> Router {
         .route("/block/{hash}/txids", get(block_txids))
         .route("/scripthash/{sh}/txs", get(scripthash_txs))
         .route("/scripthash/{sh}/txs/chain", get(scripthash_chain_first))
-        .route("/scripthash/{sh}/txs/chain/{last}", get(scripthash_chain_after))
+        .route(
+            "/scripthash/{sh}/txs/chain/{last}",
+            get(scripthash_chain_after),
+        )
         .route("/scripthash/{sh}/txs/mempool", get(scripthash_mempool))
         .route("/tx", post(broadcast))
         .route("/tx/{txid}", get(tx_json))
@@ -47,7 +52,43 @@ pub fn router(chain: Chain) -> Router {
         .route("/tx/{txid}/merkleblock-proof", get(tx_merkleblock_proof))
         .route("/fee-estimates", get(fee_estimates))
         .route("/mempool/txids", get(mempool_txids))
+        .layer(axum::middleware::from_fn_with_state(
+            chain.clone(),
+            inject_faults,
+        ))
         .with_state(chain)
+}
+
+/// Applies the fault-injection switches set through `/lab/faults` before a request is served.
+async fn inject_faults(State(chain): State<Chain>, request: Request, next: Next) -> Response {
+    let (status, delay) = {
+        let mut faults = chain.faults();
+        let status = match faults.error_status {
+            Some(code) if faults.error_count > 0 => {
+                faults.error_count -= 1;
+                StatusCode::from_u16(code).ok()
+            }
+            _ => None,
+        };
+        let delay = (faults.delay_count > 0).then(|| {
+            faults.delay_count -= 1;
+            faults.delay_ms
+        });
+        (status, delay)
+    };
+    if let Some(ms) = delay {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    if let Some(status) = status {
+        let mut response = (status, "injected fault").into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        return response;
+    }
+    next.run(request).await
 }
 
 /// An Esplora-style error response: status and a plain-text reason.
@@ -126,7 +167,11 @@ fn tx_to_json(state: &ChainState, tx: &Transaction) -> Value {
         .iter()
         .map(|input| {
             let coinbase = tx.is_coinbase();
-            let prevout = if coinbase { None } else { state.previous_output(&input.previous_output) };
+            let prevout = if coinbase {
+                None
+            } else {
+                state.previous_output(&input.previous_output)
+            };
             if let Some(p) = &prevout {
                 in_total += p.value.to_sat();
             }
@@ -166,7 +211,10 @@ async fn blocks_latest(State(chain): State<Chain>) -> Json<Value> {
     blocks_list(&chain, tip)
 }
 
-async fn blocks_from(State(chain): State<Chain>, Path(start): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn blocks_from(
+    State(chain): State<Chain>,
+    Path(start): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let start: u32 = start.parse().map_err(|_| bad("invalid height"))?;
     Ok(blocks_list(&chain, start.min(chain.tip_height())))
 }
@@ -177,13 +225,22 @@ fn blocks_list(chain: &Chain, from: u32) -> Json<Value> {
     let list: Vec<Value> = (0..=from)
         .rev()
         .take(10)
-        .filter_map(|h| state.best.get(h as usize).and_then(|hash| block_info_json(state, hash)))
+        .filter_map(|h| {
+            state
+                .best
+                .get(h as usize)
+                .and_then(|hash| block_info_json(state, hash))
+        })
         .collect();
     Json(Value::Array(list))
 }
 
 async fn tip_hash(State(chain): State<Chain>) -> Result<Response, ApiError> {
-    let hash = chain.lock().state.tip_hash().ok_or_else(|| not_found("tip"))?;
+    let hash = chain
+        .lock()
+        .state
+        .tip_hash()
+        .ok_or_else(|| not_found("tip"))?;
     Ok(text(hash.to_string()))
 }
 
@@ -191,50 +248,100 @@ async fn tip_height(State(chain): State<Chain>) -> Response {
     text(chain.tip_height().to_string())
 }
 
-async fn block_at_height(State(chain): State<Chain>, Path(height): Path<String>) -> Result<Response, ApiError> {
+async fn block_at_height(
+    State(chain): State<Chain>,
+    Path(height): Path<String>,
+) -> Result<Response, ApiError> {
     let height: usize = height.parse().map_err(|_| bad("invalid height"))?;
-    let hash = chain.lock().state.best.get(height).copied().ok_or_else(|| not_found("Block"))?;
+    let hash = chain
+        .lock()
+        .state
+        .best
+        .get(height)
+        .copied()
+        .ok_or_else(|| not_found("Block"))?;
     Ok(text(hash.to_string()))
 }
 
-async fn block_info(State(chain): State<Chain>, Path(hash): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn block_info(
+    State(chain): State<Chain>,
+    Path(hash): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let hash = parse_block_hash(&hash)?;
     let inner = chain.lock();
-    block_info_json(&inner.state, &hash).map(Json).ok_or_else(|| not_found("Block"))
+    block_info_json(&inner.state, &hash)
+        .map(Json)
+        .ok_or_else(|| not_found("Block"))
 }
 
-async fn block_header(State(chain): State<Chain>, Path(hash): Path<String>) -> Result<Response, ApiError> {
+async fn block_header(
+    State(chain): State<Chain>,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
     let hash = parse_block_hash(&hash)?;
     let inner = chain.lock();
-    let record = inner.state.blocks.get(&hash).ok_or_else(|| not_found("Block"))?;
+    let record = inner
+        .state
+        .blocks
+        .get(&hash)
+        .ok_or_else(|| not_found("Block"))?;
     Ok(text(serialize_hex(&record.block.header)))
 }
 
-async fn block_status(State(chain): State<Chain>, Path(hash): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn block_status(
+    State(chain): State<Chain>,
+    Path(hash): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let hash = parse_block_hash(&hash)?;
     let inner = chain.lock();
     let state = &inner.state;
     let record = state.blocks.get(&hash).ok_or_else(|| not_found("Block"))?;
     Ok(Json(if record.in_best {
-        let next = state.best.get(record.height as usize + 1).map(|h| h.to_string());
+        let next = state
+            .best
+            .get(record.height as usize + 1)
+            .map(|h| h.to_string());
         json!({"in_best_chain": true, "height": record.height, "next_best": next})
     } else {
         json!({"in_best_chain": false})
     }))
 }
 
-async fn block_raw(State(chain): State<Chain>, Path(hash): Path<String>) -> Result<Response, ApiError> {
+async fn block_raw(
+    State(chain): State<Chain>,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
     let hash = parse_block_hash(&hash)?;
     let inner = chain.lock();
-    let record = inner.state.blocks.get(&hash).ok_or_else(|| not_found("Block"))?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], serialize(&record.block)).into_response())
+    let record = inner
+        .state
+        .blocks
+        .get(&hash)
+        .ok_or_else(|| not_found("Block"))?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        serialize(&record.block),
+    )
+        .into_response())
 }
 
-async fn block_txids(State(chain): State<Chain>, Path(hash): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn block_txids(
+    State(chain): State<Chain>,
+    Path(hash): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let hash = parse_block_hash(&hash)?;
     let inner = chain.lock();
-    let record = inner.state.blocks.get(&hash).ok_or_else(|| not_found("Block"))?;
-    let ids: Vec<String> = record.block.txdata.iter().map(|t| t.compute_txid().to_string()).collect();
+    let record = inner
+        .state
+        .blocks
+        .get(&hash)
+        .ok_or_else(|| not_found("Block"))?;
+    let ids: Vec<String> = record
+        .block
+        .txdata
+        .iter()
+        .map(|t| t.compute_txid().to_string())
+        .collect();
     Ok(Json(json!(ids)))
 }
 
@@ -245,39 +352,60 @@ fn parse_scripthash(text: &str) -> Result<[u8; 32], ApiError> {
 
 /// Transactions touching a script: mempool ones (oldest first), and confirmed ones newest first.
 fn history(state: &ChainState, sh: &[u8; 32]) -> (Vec<Txid>, Vec<Txid>) {
-    let Some(set) = state.history.get(sh) else { return (Vec::new(), Vec::new()) };
+    let Some(set) = state.history.get(sh) else {
+        return (Vec::new(), Vec::new());
+    };
     let mut mempool: Vec<(u64, Txid)> = Vec::new();
     let mut confirmed: Vec<(u32, usize, Txid)> = Vec::new();
     for txid in set {
         match state.locate(txid) {
-            Some(TxLocation::Confirmed { height, position, .. }) => confirmed.push((height, position, *txid)),
+            Some(TxLocation::Confirmed {
+                height, position, ..
+            }) => confirmed.push((height, position, *txid)),
             Some(TxLocation::Mempool) => mempool.push((state.mempool[txid].seq, *txid)),
             None => {}
         }
     }
     mempool.sort();
     confirmed.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
-    (mempool.into_iter().map(|m| m.1).collect(), confirmed.into_iter().map(|c| c.2).collect())
+    (
+        mempool.into_iter().map(|m| m.1).collect(),
+        confirmed.into_iter().map(|c| c.2).collect(),
+    )
 }
 
 fn txs_json(state: &ChainState, txids: impl Iterator<Item = Txid>) -> Json<Value> {
-    let list: Vec<Value> = txids.filter_map(|t| state.transaction(&t).map(|tx| tx_to_json(state, tx))).collect();
+    let list: Vec<Value> = txids
+        .filter_map(|t| state.transaction(&t).map(|tx| tx_to_json(state, tx)))
+        .collect();
     Json(Value::Array(list))
 }
 
-async fn scripthash_txs(State(chain): State<Chain>, Path(sh): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn scripthash_txs(
+    State(chain): State<Chain>,
+    Path(sh): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let sh = parse_scripthash(&sh)?;
     let inner = chain.lock();
     let (mempool, confirmed) = history(&inner.state, &sh);
-    let page = mempool.into_iter().take(MEMPOOL_PAGE).chain(confirmed.into_iter().take(CHAIN_PAGE));
+    let page = mempool
+        .into_iter()
+        .take(MEMPOOL_PAGE)
+        .chain(confirmed.into_iter().take(CHAIN_PAGE));
     Ok(txs_json(&inner.state, page))
 }
 
-async fn scripthash_chain_first(State(chain): State<Chain>, Path(sh): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn scripthash_chain_first(
+    State(chain): State<Chain>,
+    Path(sh): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let sh = parse_scripthash(&sh)?;
     let inner = chain.lock();
     let (_, confirmed) = history(&inner.state, &sh);
-    Ok(txs_json(&inner.state, confirmed.into_iter().take(CHAIN_PAGE)))
+    Ok(txs_json(
+        &inner.state,
+        confirmed.into_iter().take(CHAIN_PAGE),
+    ))
 }
 
 async fn scripthash_chain_after(
@@ -288,20 +416,34 @@ async fn scripthash_chain_after(
     let last = parse_txid(&last)?;
     let inner = chain.lock();
     let (_, confirmed) = history(&inner.state, &sh);
-    let after = confirmed.iter().position(|t| *t == last).map(|p| p + 1).unwrap_or(confirmed.len());
-    Ok(txs_json(&inner.state, confirmed.into_iter().skip(after).take(CHAIN_PAGE)))
+    let after = confirmed
+        .iter()
+        .position(|t| *t == last)
+        .map(|p| p + 1)
+        .unwrap_or(confirmed.len());
+    Ok(txs_json(
+        &inner.state,
+        confirmed.into_iter().skip(after).take(CHAIN_PAGE),
+    ))
 }
 
-async fn scripthash_mempool(State(chain): State<Chain>, Path(sh): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn scripthash_mempool(
+    State(chain): State<Chain>,
+    Path(sh): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let sh = parse_scripthash(&sh)?;
     let inner = chain.lock();
     let (mempool, _) = history(&inner.state, &sh);
-    Ok(txs_json(&inner.state, mempool.into_iter().take(MEMPOOL_PAGE)))
+    Ok(txs_json(
+        &inner.state,
+        mempool.into_iter().take(MEMPOOL_PAGE),
+    ))
 }
 
 async fn broadcast(State(chain): State<Chain>, body: Bytes) -> Result<Response, ApiError> {
     let hex = String::from_utf8_lossy(&body).trim().to_string();
-    let tx: Transaction = deserialize_hex(&hex).map_err(|e| bad(format!("TX decode failed: {e}")))?;
+    let tx: Transaction =
+        deserialize_hex(&hex).map_err(|e| bad(format!("TX decode failed: {e}")))?;
     match chain.submit(tx).await {
         Ok(txid) => Ok(text(txid.to_string())),
         Err(ChainError::Rejected(reason)) => Err(bad(format!(
@@ -312,35 +454,65 @@ async fn broadcast(State(chain): State<Chain>, body: Bytes) -> Result<Response, 
     }
 }
 
-async fn tx_json(State(chain): State<Chain>, Path(txid): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn tx_json(
+    State(chain): State<Chain>,
+    Path(txid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let txid = parse_txid(&txid)?;
     let inner = chain.lock();
-    let tx = inner.state.transaction(&txid).ok_or_else(|| not_found("Transaction"))?;
+    let tx = inner
+        .state
+        .transaction(&txid)
+        .ok_or_else(|| not_found("Transaction"))?;
     Ok(Json(tx_to_json(&inner.state, tx)))
 }
 
-async fn tx_raw(State(chain): State<Chain>, Path(txid): Path<String>) -> Result<Response, ApiError> {
+async fn tx_raw(
+    State(chain): State<Chain>,
+    Path(txid): Path<String>,
+) -> Result<Response, ApiError> {
     let txid = parse_txid(&txid)?;
     let inner = chain.lock();
-    let tx = inner.state.transaction(&txid).ok_or_else(|| not_found("Transaction"))?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], serialize(tx)).into_response())
+    let tx = inner
+        .state
+        .transaction(&txid)
+        .ok_or_else(|| not_found("Transaction"))?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        serialize(tx),
+    )
+        .into_response())
 }
 
-async fn tx_hex(State(chain): State<Chain>, Path(txid): Path<String>) -> Result<Response, ApiError> {
+async fn tx_hex(
+    State(chain): State<Chain>,
+    Path(txid): Path<String>,
+) -> Result<Response, ApiError> {
     let txid = parse_txid(&txid)?;
     let inner = chain.lock();
-    let tx = inner.state.transaction(&txid).ok_or_else(|| not_found("Transaction"))?;
+    let tx = inner
+        .state
+        .transaction(&txid)
+        .ok_or_else(|| not_found("Transaction"))?;
     Ok(text(serialize_hex(tx)))
 }
 
-async fn tx_status(State(chain): State<Chain>, Path(txid): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn tx_status(
+    State(chain): State<Chain>,
+    Path(txid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let txid = parse_txid(&txid)?;
     let inner = chain.lock();
-    status_json(&inner.state, &txid).map(Json).ok_or_else(|| not_found("Transaction"))
+    status_json(&inner.state, &txid)
+        .map(Json)
+        .ok_or_else(|| not_found("Transaction"))
 }
 
 fn outspend_json(state: &ChainState, outpoint: &OutPoint) -> Value {
-    let spender = state.spends.get(outpoint).or_else(|| state.mempool_spends.get(outpoint));
+    let spender = state
+        .spends
+        .get(outpoint)
+        .or_else(|| state.mempool_spends.get(outpoint));
     match spender {
         Some((txid, vin)) => json!({
             "spent": true,
@@ -359,30 +531,50 @@ async fn tx_outspend(
     let txid = parse_txid(&txid)?;
     let vout: u32 = vout.parse().map_err(|_| bad("invalid vout"))?;
     let inner = chain.lock();
-    let tx = inner.state.transaction(&txid).ok_or_else(|| not_found("Transaction"))?;
+    let tx = inner
+        .state
+        .transaction(&txid)
+        .ok_or_else(|| not_found("Transaction"))?;
     if vout as usize >= tx.output.len() {
         return Err(not_found("Output"));
     }
     Ok(Json(outspend_json(&inner.state, &OutPoint { txid, vout })))
 }
 
-async fn tx_outspends(State(chain): State<Chain>, Path(txid): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn tx_outspends(
+    State(chain): State<Chain>,
+    Path(txid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let txid = parse_txid(&txid)?;
     let inner = chain.lock();
-    let tx = inner.state.transaction(&txid).ok_or_else(|| not_found("Transaction"))?;
+    let tx = inner
+        .state
+        .transaction(&txid)
+        .ok_or_else(|| not_found("Transaction"))?;
     let list: Vec<Value> = (0..tx.output.len() as u32)
         .map(|vout| outspend_json(&inner.state, &OutPoint { txid, vout }))
         .collect();
     Ok(Json(Value::Array(list)))
 }
 
-async fn tx_merkleblock_proof(State(chain): State<Chain>, Path(txid): Path<String>) -> Result<Response, ApiError> {
+async fn tx_merkleblock_proof(
+    State(chain): State<Chain>,
+    Path(txid): Path<String>,
+) -> Result<Response, ApiError> {
     let txid = parse_txid(&txid)?;
     let inner = chain.lock();
-    let Some(TxLocation::Confirmed { block, .. }) = inner.state.locate(&txid) else {
+    let Some(TxLocation::Confirmed { block, height, .. }) = inner.state.locate(&txid) else {
         return Err(not_found("Transaction"));
     };
-    let record = inner.state.blocks.get(&block).ok_or_else(|| not_found("Block"))?;
+    let lag = chain.faults().proof_lag_blocks;
+    if lag > 0 && height + lag > inner.state.tip_height() {
+        return Err(not_found("Transaction"));
+    }
+    let record = inner
+        .state
+        .blocks
+        .get(&block)
+        .ok_or_else(|| not_found("Block"))?;
     let proof = MerkleBlock::from_block_with_predicate(&record.block, |t| *t == txid);
     Ok(text(serialize_hex(&proof)))
 }
@@ -390,9 +582,16 @@ async fn tx_merkleblock_proof(State(chain): State<Chain>, Path(txid): Path<Strin
 /// Fee estimates from the mempool: the feerate at the edge of the first `target` blocks' worth of weight,
 /// never below 1 sat/vB (an empty regtest mempool estimates 1 everywhere).
 async fn fee_estimates(State(chain): State<Chain>) -> Json<Value> {
+    if chain.faults().empty_fee_estimates {
+        return Json(json!({}));
+    }
     let inner = chain.lock();
-    let mut rates: Vec<(f64, u64)> =
-        inner.state.mempool.values().map(|e| (e.feerate(), e.tx.weight().to_wu())).collect();
+    let mut rates: Vec<(f64, u64)> = inner
+        .state
+        .mempool
+        .values()
+        .map(|e| (e.feerate(), e.tx.weight().to_wu()))
+        .collect();
     rates.sort_by(|a, b| b.0.total_cmp(&a.0));
     let mut estimates = serde_json::Map::new();
     for target in [1u64, 2, 3, 4, 5, 6, 10, 12, 20, 25, 144, 504, 1008] {

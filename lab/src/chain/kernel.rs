@@ -68,23 +68,41 @@ impl Kernel {
     pub fn open(dir: &Path) -> anyhow::Result<Kernel> {
         std::fs::create_dir_all(dir)?;
         let last_error = Arc::new(Mutex::new(None));
-        let logger = Logger::new(KernelLog { last_error: last_error.clone() }).ok().map(KernelLogger);
+        let logger = Logger::new(KernelLog {
+            last_error: last_error.clone(),
+        })
+        .ok()
+        .map(KernelLogger);
         let events: Arc<Mutex<Vec<ChainEvent>>> = Arc::new(Mutex::new(Vec::new()));
         let on_connect = events.clone();
         let on_disconnect = events.clone();
         let context = ContextBuilder::new()
             .chain_type(ChainType::Regtest)
             .validation(move |registry| {
-                registry.register_block_connected(move |block: bitcoinkernel::Block, entry: bitcoinkernel::BlockTreeEntry<'_>| {
-                    if let (Some(block), Ok(mut queue)) = (to_bitcoin_block(&block), on_connect.lock()) {
-                        queue.push(ChainEvent::Connected { block, height: entry.height() as u32 });
-                    }
-                });
-                registry.register_block_disconnected(move |block: bitcoinkernel::Block, entry: bitcoinkernel::BlockTreeEntry<'_>| {
-                    if let (Some(block), Ok(mut queue)) = (to_bitcoin_block(&block), on_disconnect.lock()) {
-                        queue.push(ChainEvent::Disconnected { block, height: entry.height() as u32 });
-                    }
-                });
+                registry.register_block_connected(
+                    move |block: bitcoinkernel::Block, entry: bitcoinkernel::BlockTreeEntry<'_>| {
+                        if let (Some(block), Ok(mut queue)) =
+                            (to_bitcoin_block(&block), on_connect.lock())
+                        {
+                            queue.push(ChainEvent::Connected {
+                                block,
+                                height: entry.height() as u32,
+                            });
+                        }
+                    },
+                );
+                registry.register_block_disconnected(
+                    move |block: bitcoinkernel::Block, entry: bitcoinkernel::BlockTreeEntry<'_>| {
+                        if let (Some(block), Ok(mut queue)) =
+                            (to_bitcoin_block(&block), on_disconnect.lock())
+                        {
+                            queue.push(ChainEvent::Disconnected {
+                                block,
+                                height: entry.height() as u32,
+                            });
+                        }
+                    },
+                );
             })
             .build()
             .map_err(|e| anyhow::anyhow!("bitcoinkernel context: {e}"))?;
@@ -99,14 +117,23 @@ impl Kernel {
         chainman
             .import_blocks()
             .map_err(|e| anyhow::anyhow!("bitcoinkernel import: {e}"))?;
-        let kernel = Kernel { chainman, _context: context, _logger: logger, events, last_error };
+        let kernel = Kernel {
+            chainman,
+            _context: context,
+            _logger: logger,
+            events,
+            last_error,
+        };
         // Anything the kernel announced while loading is already on disk; the caller reads the active chain instead.
         kernel.take_events();
         Ok(kernel)
     }
 
     fn take_events(&self) -> Vec<ChainEvent> {
-        self.events.lock().map(|mut q| std::mem::take(&mut *q)).unwrap_or_default()
+        self.events
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
     }
 
     /// Hands a block to the kernel. Returns the chain changes it caused (possibly none: a valid block on a
@@ -154,7 +181,9 @@ impl Kernel {
                 .chainman
                 .read_block_data(&entry)
                 .map_err(|e| anyhow::anyhow!("reading block at height {}: {e}", entry.height()))?;
-            blocks.push(to_bitcoin_block(&block).ok_or_else(|| anyhow::anyhow!("undecodable block"))?);
+            blocks.push(
+                to_bitcoin_block(&block).ok_or_else(|| anyhow::anyhow!("undecodable block"))?,
+            );
         }
         Ok(blocks)
     }
@@ -164,12 +193,14 @@ impl Kernel {
 /// (P2SH, DERSIG, NULLDUMMY, CLTV, CSV, WITNESS, TAPROOT).
 pub fn verify_scripts(tx: &Transaction, spent: &[TxOut]) -> Result<(), String> {
     let bytes = serialize(tx);
-    let kernel_tx = bitcoinkernel::Transaction::new(&bytes).map_err(|e| format!("kernel could not parse tx: {e}"))?;
+    let kernel_tx = bitcoinkernel::Transaction::new(&bytes)
+        .map_err(|e| format!("kernel could not parse tx: {e}"))?;
     let outputs: Vec<bitcoinkernel::TxOut> = spent
         .iter()
         .map(|o| kernel_txout(&o.script_pubkey, o.value))
         .collect::<Result<_, _>>()?;
-    let precomputed = PrecomputedTransactionData::new(&kernel_tx, &outputs).map_err(|e| e.to_string())?;
+    let precomputed =
+        PrecomputedTransactionData::new(&kernel_tx, &outputs).map_err(|e| e.to_string())?;
     for (index, out) in outputs.iter().enumerate() {
         bitcoinkernel::verify(
             &out.script_pubkey(),

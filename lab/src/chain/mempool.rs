@@ -86,13 +86,23 @@ pub fn accept(state: &mut ChainState, tx: Transaction) -> Result<Accepted, Rejec
     for input in &tx.input {
         let outpoint = input.previous_output;
         if let Some((other, _)) = state.mempool_spends.get(&outpoint) {
-            return reject(format!("txn-mempool-conflict (input {outpoint} already spent by {other})"));
+            return reject(format!(
+                "txn-mempool-conflict (input {outpoint} already spent by {other})"
+            ));
         }
         if let Some(utxo) = state.utxos.get(&outpoint) {
-            coins.push(Coin { txout: utxo.txout.clone(), height: utxo.height, coinbase: utxo.coinbase });
+            coins.push(Coin {
+                txout: utxo.txout.clone(),
+                height: utxo.height,
+                coinbase: utxo.coinbase,
+            });
         } else if let Some(parent) = state.mempool.get(&outpoint.txid) {
             match parent.tx.output.get(outpoint.vout as usize) {
-                Some(txout) => coins.push(Coin { txout: txout.clone(), height: next_height, coinbase: false }),
+                Some(txout) => coins.push(Coin {
+                    txout: txout.clone(),
+                    height: next_height,
+                    coinbase: false,
+                }),
                 None => return reject(format!("bad-txns-inputs-missingorspent ({outpoint})")),
             }
         } else {
@@ -110,7 +120,9 @@ pub fn accept(state: &mut ChainState, tx: Transaction) -> Result<Accepted, Rejec
     }
     let in_total: u64 = coins.iter().map(|c| c.txout.value.to_sat()).sum();
     if in_total < out_total {
-        return reject(format!("bad-txns-in-belowout (value in {in_total} < value out {out_total})"));
+        return reject(format!(
+            "bad-txns-in-belowout (value in {in_total} < value out {out_total})"
+        ));
     }
     let fee = in_total - out_total;
     let vsize = tx.vsize() as u64;
@@ -136,7 +148,11 @@ fn is_final(tx: &Transaction, next_height: u32, tip_mtp: u32) -> bool {
     if lock == 0 {
         return true;
     }
-    let cutoff = if lock < LOCKTIME_THRESHOLD { next_height } else { tip_mtp };
+    let cutoff = if lock < LOCKTIME_THRESHOLD {
+        next_height
+    } else {
+        tip_mtp
+    };
     lock < cutoff || tx.input.iter().all(|i| i.sequence.0 == SEQUENCE_FINAL)
 }
 

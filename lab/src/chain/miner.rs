@@ -4,8 +4,8 @@ use bitcoin::block::{Header, Version};
 use bitcoin::hashes::Hash;
 use bitcoin::script::{Builder, PushBytesBuf};
 use bitcoin::{
-    absolute, transaction, Amount, Block, BlockHash, CompactTarget, OutPoint, ScriptBuf, Sequence, Transaction,
-    TxIn, TxMerkleNode, TxOut, Witness,
+    absolute, transaction, Amount, Block, BlockHash, CompactTarget, OutPoint, ScriptBuf, Sequence,
+    Transaction, TxIn, TxMerkleNode, TxOut, Witness,
 };
 
 /// Regtest's proof-of-work limit (`powLimit` in compact form).
@@ -37,7 +37,10 @@ pub struct Template {
 pub fn assemble(template: Template) -> Block {
     let mut tag = PushBytesBuf::new();
     let _ = tag.extend_from_slice(&template.tag.to_le_bytes());
-    let script_sig = Builder::new().push_int(template.height as i64).push_slice(tag).into_script();
+    let script_sig = Builder::new()
+        .push_int(template.height as i64)
+        .push_slice(tag)
+        .into_script();
     let coinbase = Transaction {
         version: transaction::Version::TWO,
         lock_time: absolute::LockTime::ZERO,
@@ -71,10 +74,18 @@ pub fn assemble(template: Template) -> Block {
         let mut data = PushBytesBuf::new();
         let _ = data.extend_from_slice(&[0xaa, 0x21, 0xa9, 0xed]);
         let _ = data.extend_from_slice(commitment.as_byte_array());
-        let script = Builder::new().push_opcode(bitcoin::opcodes::all::OP_RETURN).push_slice(data).into_script();
-        block.txdata[0].output.push(TxOut { value: Amount::ZERO, script_pubkey: script });
+        let script = Builder::new()
+            .push_opcode(bitcoin::opcodes::all::OP_RETURN)
+            .push_slice(data)
+            .into_script();
+        block.txdata[0].output.push(TxOut {
+            value: Amount::ZERO,
+            script_pubkey: script,
+        });
     }
-    block.header.merkle_root = block.compute_merkle_root().unwrap_or_else(TxMerkleNode::all_zeros);
+    block.header.merkle_root = block
+        .compute_merkle_root()
+        .unwrap_or_else(TxMerkleNode::all_zeros);
     while block.header.validate_pow(block.header.target()).is_err() {
         block.header.nonce = block.header.nonce.wrapping_add(1);
     }

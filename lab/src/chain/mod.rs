@@ -46,7 +46,13 @@ pub(crate) struct Inner {
     dir: PathBuf,
     /// Makes each mined block unique, even at a height mined before (reorgs).
     counter: u64,
+    /// Seconds added to the clock when stamping blocks (to test time-based locks); the kernel refuses blocks
+    /// more than two hours ahead, so it is capped below that.
+    time_offset: u32,
 }
+
+/// The most the lab clock may run ahead: the kernel refuses blocks more than 2 h in the future.
+pub const MAX_TIME_OFFSET_SECS: u32 = 7_000;
 
 /// A running lab chain: cheap to clone.
 #[derive(Clone)]
@@ -54,10 +60,30 @@ pub struct Chain {
     inner: Arc<Mutex<Inner>>,
     url: String,
     cancel: CancellationToken,
+    faults: Arc<Mutex<Faults>>,
+}
+
+/// Fault injection for the Esplora face, to test how clients cope with a flaky chain source.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Answer the next `error_count` Esplora requests with this HTTP status (429, 500, 503…).
+    pub error_status: Option<u16>,
+    pub error_count: u32,
+    /// Delay the next `delay_count` requests by `delay_ms` (above clients' timeouts to simulate a hang).
+    pub delay_ms: u64,
+    pub delay_count: u32,
+    /// Serve `{}` from `/fee-estimates`.
+    pub empty_fee_estimates: bool,
+    /// 404 on `merkleblock-proof` for transactions in the newest `proof_lag_blocks` blocks (indexer lag).
+    pub proof_lag_blocks: u32,
 }
 
 fn now() -> u32 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0)
 }
 
 /// Parses a regtest address.
@@ -97,7 +123,10 @@ impl Inner {
     fn persist_mempool(&self) {
         let mut entries: Vec<_> = self.state.mempool.values().collect();
         entries.sort_by_key(|e| e.seq);
-        let hex: Vec<String> = entries.iter().map(|e| bitcoin::consensus::encode::serialize_hex(&e.tx)).collect();
+        let hex: Vec<String> = entries
+            .iter()
+            .map(|e| bitcoin::consensus::encode::serialize_hex(&e.tx))
+            .collect();
         let path = self.dir.join("mempool.json");
         let tmp = self.dir.join("mempool.json.tmp");
         let written = serde_json::to_vec(&hex)
@@ -110,7 +139,8 @@ impl Inner {
     }
 
     fn submit(&mut self, tx: Transaction) -> Result<Accepted, ChainError> {
-        let accepted = mempool::accept(&mut self.state, tx).map_err(|r| ChainError::Rejected(r.0))?;
+        let accepted =
+            mempool::accept(&mut self.state, tx).map_err(|r| ChainError::Rejected(r.0))?;
         if matches!(accepted, Accepted::New(_)) {
             self.persist_mempool();
         }
@@ -136,13 +166,28 @@ impl Inner {
         }
     }
 
-    fn mine_with(&mut self, payout: &ScriptBuf, backdate: u32, txids: &[Txid]) -> Result<BlockHash, ChainError> {
+    fn mine_with(
+        &mut self,
+        payout: &ScriptBuf,
+        backdate: u32,
+        txids: &[Txid],
+    ) -> Result<BlockHash, ChainError> {
         let tip = self.state.tip_height();
-        let prev = self.state.tip_hash().ok_or_else(|| ChainError::Internal("no genesis block".into()))?;
-        let transactions: Vec<Transaction> =
-            txids.iter().filter_map(|t| self.state.mempool.get(t).map(|e| e.tx.clone())).collect();
-        let fees = txids.iter().filter_map(|t| self.state.mempool.get(t)).map(|e| e.fee).sum();
-        let time = (self.state.median_time_past(tip) + 1).max(now().saturating_sub(backdate));
+        let prev = self
+            .state
+            .tip_hash()
+            .ok_or_else(|| ChainError::Internal("no genesis block".into()))?;
+        let transactions: Vec<Transaction> = txids
+            .iter()
+            .filter_map(|t| self.state.mempool.get(t).map(|e| e.tx.clone()))
+            .collect();
+        let fees = txids
+            .iter()
+            .filter_map(|t| self.state.mempool.get(t))
+            .map(|e| e.fee)
+            .sum();
+        let time = (self.state.median_time_past(tip) + 1)
+            .max((now() + self.time_offset).saturating_sub(backdate));
         self.counter += 1;
         let block = miner::assemble(miner::Template {
             prev,
@@ -159,16 +204,21 @@ impl Inner {
     /// Hands a block to the kernel and applies what it did. Errors if the block did not become part of a chain.
     fn process(&mut self, block: bitcoin::Block) -> Result<BlockHash, ChainError> {
         let hash = block.block_hash();
-        let events = self.kernel.process_block(&block).map_err(|r| ChainError::BlockRejected(r.0))?;
-        let connected = events
-            .iter()
-            .any(|e| matches!(e, ChainEvent::Connected { block, .. } if block.block_hash() == hash));
+        let events = self
+            .kernel
+            .process_block(&block)
+            .map_err(|r| ChainError::BlockRejected(r.0))?;
+        let connected = events.iter().any(
+            |e| matches!(e, ChainEvent::Connected { block, .. } if block.block_hash() == hash),
+        );
         self.apply(events);
         if connected || self.state.blocks.contains_key(&hash) {
             return Ok(hash);
         }
         Err(ChainError::BlockRejected(
-            self.kernel.last_rejection().unwrap_or_else(|| format!("block {hash} was not connected")),
+            self.kernel
+                .last_rejection()
+                .unwrap_or_else(|| format!("block {hash} was not connected")),
         ))
     }
 
@@ -176,14 +226,18 @@ impl Inner {
     fn reorg(&mut self, depth: u32) -> Result<Vec<BlockHash>, ChainError> {
         let tip = self.state.tip_height();
         if depth == 0 || depth > tip {
-            return Err(ChainError::BadRequest(format!("reorg depth must be between 1 and {tip}")));
+            return Err(ChainError::BadRequest(format!(
+                "reorg depth must be between 1 and {tip}"
+            )));
         }
         let fork_height = tip - depth;
         let mut prev = self.state.best[fork_height as usize];
         let mut hashes = Vec::new();
         let mut last_time = 0;
         for height in fork_height + 1..=tip + 1 {
-            let time = (self.state.median_time_past_of(prev) + 1).max(now()).max(last_time + 1);
+            let time = (self.state.median_time_past_of(prev) + 1)
+                .max(now() + self.time_offset)
+                .max(last_time + 1);
             last_time = time;
             self.counter += 1;
             let block = miner::assemble(miner::Template {
@@ -196,13 +250,21 @@ impl Inner {
                 tag: self.counter ^ 0x5245_4f52_4700_0000,
             });
             let hash = block.block_hash();
-            let events = self.kernel.process_block(&block).map_err(|r| ChainError::BlockRejected(r.0))?;
+            let events = self
+                .kernel
+                .process_block(&block)
+                .map_err(|r| ChainError::BlockRejected(r.0))?;
             // Until the branch wins, the kernel stores its blocks without connecting them; remember them so
             // they can be served (as not in the best chain) either way.
             if events.is_empty() {
                 self.state.blocks.insert(
                     hash,
-                    state::BlockRecord { block, height, in_best: false, undo: Vec::new() },
+                    state::BlockRecord {
+                        block,
+                        height,
+                        in_best: false,
+                        undo: Vec::new(),
+                    },
                 );
             }
             self.apply(events);
@@ -210,7 +272,9 @@ impl Inner {
             prev = hash;
         }
         if self.state.tip_hash() != Some(prev) {
-            return Err(ChainError::Internal("the competing branch did not become the best chain".into()));
+            return Err(ChainError::Internal(
+                "the competing branch did not become the best chain".into(),
+            ));
         }
         Ok(hashes)
     }
@@ -225,14 +289,23 @@ impl Chain {
             std::fs::create_dir_all(&open_dir)?;
             let kernel = Kernel::open(&open_dir.join("kernel"))?;
             let wallet = LabWallet::load_or_create(&open_dir.join("lab-wallet.key"))?;
-            let mut inner = Inner { kernel, state: ChainState::default(), wallet, dir: open_dir, counter: 0 };
+            let mut inner = Inner {
+                kernel,
+                state: ChainState::default(),
+                wallet,
+                dir: open_dir,
+                counter: 0,
+                time_offset: 0,
+            };
             for (height, block) in inner.kernel.active_blocks()?.into_iter().enumerate() {
                 inner.state.connect(block, height as u32);
             }
             inner.counter = inner.state.tip_height() as u64;
             // Resume the mempool: every transaction is checked again.
             let saved = std::fs::read(inner.dir.join("mempool.json")).ok();
-            let saved: Vec<String> = saved.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            let saved: Vec<String> = saved
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
             for hex in saved {
                 if let Ok(tx) = bitcoin::consensus::encode::deserialize_hex::<Transaction>(&hex) {
                     let _ = mempool::accept(&mut inner.state, tx);
@@ -242,11 +315,18 @@ impl Chain {
         })
         .await??;
         let url = format!("http://{}", listener.local_addr()?);
-        let chain = Chain { inner: Arc::new(Mutex::new(inner)), url, cancel: CancellationToken::new() };
+        let chain = Chain {
+            inner: Arc::new(Mutex::new(inner)),
+            url,
+            cancel: CancellationToken::new(),
+            faults: Arc::new(Mutex::new(Faults::default())),
+        };
         let app = esplora::router(chain.clone());
         let cancel = chain.cancel.clone();
         tokio::spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await;
             if let Err(e) = served {
                 tracing::error!("esplora server stopped: {e}");
             }
@@ -257,7 +337,9 @@ impl Chain {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves consistent-enough indexes for a test lab; keep serving.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     async fn blocking<R: Send + 'static>(
@@ -285,27 +367,50 @@ impl Chain {
     }
 
     /// Mines `blocks` blocks with the best mempool transactions, paying the coinbase to `address` (default: the lab).
-    pub async fn mine(&self, blocks: u32, address: Option<Address>) -> Result<Vec<BlockHash>, ChainError> {
+    pub async fn mine(
+        &self,
+        blocks: u32,
+        address: Option<Address>,
+    ) -> Result<Vec<BlockHash>, ChainError> {
         self.blocking(move |inner| {
-            let payout = address.map(|a| a.script_pubkey()).unwrap_or_else(|| inner.wallet.script.clone());
-            (0..blocks).map(|i| inner.mine_one(&payout, blocks - 1 - i)).collect()
+            let payout = address
+                .map(|a| a.script_pubkey())
+                .unwrap_or_else(|| inner.wallet.script.clone());
+            (0..blocks)
+                .map(|i| inner.mine_one(&payout, blocks - 1 - i))
+                .collect()
         })
         .await
     }
 
     /// Pays `sats` to `address` from the lab's own coins; mines one block when `confirm`.
-    pub async fn faucet(&self, address: &Address, sats: u64, confirm: bool) -> Result<Txid, ChainError> {
+    pub async fn faucet(
+        &self,
+        address: &Address,
+        sats: u64,
+        confirm: bool,
+    ) -> Result<Txid, ChainError> {
         self.faucet_many(&[(address.clone(), sats)], confirm).await
     }
 
     /// Pays several outputs in one transaction (e.g. 20 UTXOs for the hub).
-    pub async fn faucet_many(&self, outputs: &[(Address, u64)], confirm: bool) -> Result<Txid, ChainError> {
-        let outputs: Vec<(ScriptBuf, u64)> = outputs.iter().map(|(a, v)| (a.script_pubkey(), *v)).collect();
+    pub async fn faucet_many(
+        &self,
+        outputs: &[(Address, u64)],
+        confirm: bool,
+    ) -> Result<Txid, ChainError> {
+        let outputs: Vec<(ScriptBuf, u64)> = outputs
+            .iter()
+            .map(|(a, v)| (a.script_pubkey(), *v))
+            .collect();
         self.blocking(move |inner| {
             if outputs.iter().any(|(_, v)| *v == 0) {
                 return Err(ChainError::BadRequest("amount must be positive".into()));
             }
-            let tx = inner.wallet.pay(&inner.state, &outputs).map_err(ChainError::InsufficientFunds)?;
+            let tx = inner
+                .wallet
+                .pay(&inner.state, &outputs)
+                .map_err(ChainError::InsufficientFunds)?;
             let txid = inner.submit(tx)?.txid();
             if confirm {
                 let payout = inner.wallet.script.clone();
@@ -318,7 +423,8 @@ impl Chain {
 
     /// Submits a raw transaction to the mempool, like `POST /tx`.
     pub async fn submit(&self, tx: Transaction) -> Result<Txid, ChainError> {
-        self.blocking(move |inner| inner.submit(tx).map(|a| a.txid())).await
+        self.blocking(move |inner| inner.submit(tx).map(|a| a.txid()))
+            .await
     }
 
     /// Hands a block built elsewhere to the kernel (as a peer would). A block the kernel refuses is never served.
@@ -331,9 +437,11 @@ impl Chain {
         let inner = self.lock();
         let tip = inner.state.tip_height();
         miner::Template {
-            prev: inner.state.tip_hash().unwrap_or_else(|| bitcoin::constants::genesis_block(Network::Regtest).block_hash()),
+            prev: inner.state.tip_hash().unwrap_or_else(|| {
+                bitcoin::constants::genesis_block(Network::Regtest).block_hash()
+            }),
             height: tip + 1,
-            time: (inner.state.median_time_past(tip) + 1).max(now()),
+            time: (inner.state.median_time_past(tip) + 1).max(now() + inner.time_offset),
             transactions: Vec::new(),
             fees: 0,
             payout: inner.wallet.script.clone(),
@@ -344,6 +452,34 @@ impl Chain {
     /// A competing branch of `depth + 1` empty blocks from tip−depth becomes the best chain.
     pub async fn reorg(&self, depth: u32) -> Result<Vec<BlockHash>, ChainError> {
         self.blocking(move |inner| inner.reorg(depth)).await
+    }
+
+    /// Replaces the fault-injection settings of the Esplora face.
+    pub fn set_faults(&self, faults: Faults) {
+        *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
+    }
+
+    pub(crate) fn faults(&self) -> MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the clock used to stamp new blocks forward (cumulative, capped at [`MAX_TIME_OFFSET_SECS`]).
+    pub fn advance_time(&self, secs: u32) -> Result<u32, ChainError> {
+        let mut inner = self.lock();
+        let offset = inner.time_offset.saturating_add(secs);
+        if offset > MAX_TIME_OFFSET_SECS {
+            return Err(ChainError::BadRequest(format!(
+                "the lab clock can run at most {MAX_TIME_OFFSET_SECS} s ahead (the kernel refuses blocks over 2 h in the future)"
+            )));
+        }
+        inner.time_offset = offset;
+        Ok(offset)
+    }
+
+    /// Median-time-past of the tip (BIP113), what time-based locks are measured against.
+    pub fn median_time_past(&self) -> u32 {
+        let inner = self.lock();
+        inner.state.median_time_past(inner.state.tip_height())
     }
 
     /// Routes under `/lab/` for mining, the faucet, reorgs and chain status.

@@ -45,7 +45,11 @@ impl MempoolEntry {
 /// Where a transaction is, as Esplora reports it.
 #[derive(Debug, Clone, Copy)]
 pub enum TxLocation {
-    Confirmed { block: BlockHash, height: u32, position: usize },
+    Confirmed {
+        block: BlockHash,
+        height: u32,
+        position: usize,
+    },
     Mempool,
 }
 
@@ -80,7 +84,9 @@ impl ChainState {
     }
 
     pub fn block_at(&self, height: u32) -> Option<&BlockRecord> {
-        self.best.get(height as usize).and_then(|h| self.blocks.get(h))
+        self.best
+            .get(height as usize)
+            .and_then(|h| self.blocks.get(h))
     }
 
     /// BIP113 median-time-past of the block at `height` on the best chain (median of it and its 10 ancestors).
@@ -98,7 +104,9 @@ impl ChainState {
         let mut times = Vec::new();
         let mut cursor = Some(hash);
         while let Some(h) = cursor {
-            let Some(record) = self.blocks.get(&h) else { break };
+            let Some(record) = self.blocks.get(&h) else {
+                break;
+            };
             times.push(record.block.header.time);
             if times.len() == 11 {
                 break;
@@ -112,14 +120,23 @@ impl ChainState {
     pub fn locate(&self, txid: &Txid) -> Option<TxLocation> {
         if let Some((block, position)) = self.txs.get(txid) {
             let height = self.blocks.get(block).map(|b| b.height)?;
-            return Some(TxLocation::Confirmed { block: *block, height, position: *position });
+            return Some(TxLocation::Confirmed {
+                block: *block,
+                height,
+                position: *position,
+            });
         }
-        self.mempool.contains_key(txid).then_some(TxLocation::Mempool)
+        self.mempool
+            .contains_key(txid)
+            .then_some(TxLocation::Mempool)
     }
 
     pub fn transaction(&self, txid: &Txid) -> Option<&Transaction> {
         if let Some((block, position)) = self.txs.get(txid) {
-            return self.blocks.get(block).and_then(|b| b.block.txdata.get(*position));
+            return self
+                .blocks
+                .get(block)
+                .and_then(|b| b.block.txdata.get(*position));
         }
         self.mempool.get(txid).map(|e| &e.tx)
     }
@@ -131,7 +148,10 @@ impl ChainState {
     }
 
     fn touch_history(&mut self, script: &Script, txid: Txid) {
-        self.history.entry(script_hash(script)).or_default().insert(txid);
+        self.history
+            .entry(script_hash(script))
+            .or_default()
+            .insert(txid);
     }
 
     fn untouch_history(&mut self, script: &Script, txid: &Txid) {
@@ -161,7 +181,9 @@ impl ChainState {
             if !coinbase {
                 for (vin, input) in tx.input.iter().enumerate() {
                     // A different mempool transaction spending the same coin is now conflicted.
-                    if let Some((other, _)) = self.mempool_spends.get(&input.previous_output).copied() {
+                    if let Some((other, _)) =
+                        self.mempool_spends.get(&input.previous_output).copied()
+                    {
                         if other != txid {
                             evicted.extend(self.remove_from_mempool(&other));
                         }
@@ -170,15 +192,26 @@ impl ChainState {
                         self.touch_history(&spent.txout.script_pubkey.clone(), txid);
                         undo.push((input.previous_output, spent));
                     }
-                    self.spends.insert(input.previous_output, (txid, vin as u32));
+                    self.spends
+                        .insert(input.previous_output, (txid, vin as u32));
                 }
             }
             for (vout, output) in tx.output.iter().enumerate() {
                 self.touch_history(&output.script_pubkey, txid);
                 // The genesis coinbase is unspendable by consensus, and so are OP_RETURN outputs.
                 if height > 0 && !output.script_pubkey.is_op_return() {
-                    let utxo = Utxo { txout: output.clone(), height, coinbase };
-                    self.utxos.insert(OutPoint { txid, vout: vout as u32 }, utxo);
+                    let utxo = Utxo {
+                        txout: output.clone(),
+                        height,
+                        coinbase,
+                    };
+                    self.utxos.insert(
+                        OutPoint {
+                            txid,
+                            vout: vout as u32,
+                        },
+                        utxo,
+                    );
                 }
             }
             self.txs.insert(txid, (hash, position));
@@ -186,21 +219,34 @@ impl ChainState {
         debug_assert_eq!(self.best.len() as u32, height);
         self.best.truncate(height as usize);
         self.best.push(hash);
-        self.blocks.insert(hash, BlockRecord { block, height, in_best: true, undo });
+        self.blocks.insert(
+            hash,
+            BlockRecord {
+                block,
+                height,
+                in_best: true,
+                undo,
+            },
+        );
         evicted
     }
 
     /// Undoes the tip block the kernel disconnected. Returns its non-coinbase transactions, in block order, so
     /// the caller can offer them back to the mempool.
     pub fn disconnect(&mut self, hash: BlockHash) -> Vec<Transaction> {
-        let Some(record) = self.blocks.get_mut(&hash) else { return Vec::new() };
+        let Some(record) = self.blocks.get_mut(&hash) else {
+            return Vec::new();
+        };
         record.in_best = false;
         let undo = std::mem::take(&mut record.undo);
         let txdata = record.block.txdata.clone();
         for tx in txdata.iter().rev() {
             let txid = tx.compute_txid();
             for (vout, output) in tx.output.iter().enumerate() {
-                self.utxos.remove(&OutPoint { txid, vout: vout as u32 });
+                self.utxos.remove(&OutPoint {
+                    txid,
+                    vout: vout as u32,
+                });
                 self.untouch_history(&output.script_pubkey, &txid);
             }
             for input in &tx.input {
@@ -226,7 +272,9 @@ impl ChainState {
 
     /// Removes a mempool transaction and everything that depends on it. Returns the removed txids.
     pub fn remove_from_mempool(&mut self, txid: &Txid) -> Vec<Txid> {
-        let Some(entry) = self.mempool.remove(txid) else { return Vec::new() };
+        let Some(entry) = self.mempool.remove(txid) else {
+            return Vec::new();
+        };
         let mut removed = vec![*txid];
         for (input, spent) in entry.tx.input.iter().zip(&entry.spent) {
             self.mempool_spends.remove(&input.previous_output);
@@ -234,7 +282,10 @@ impl ChainState {
         }
         for (vout, output) in entry.tx.output.iter().enumerate() {
             self.untouch_history(&output.script_pubkey, txid);
-            let outpoint = OutPoint { txid: *txid, vout: vout as u32 };
+            let outpoint = OutPoint {
+                txid: *txid,
+                vout: vout as u32,
+            };
             if let Some((child, _)) = self.mempool_spends.get(&outpoint).copied() {
                 removed.extend(self.remove_from_mempool(&child));
             }
@@ -246,7 +297,8 @@ impl ChainState {
     pub fn insert_mempool(&mut self, tx: Transaction, fee: u64, spent: Vec<TxOut>) -> Txid {
         let txid = tx.compute_txid();
         for (vin, (input, prev)) in tx.input.iter().zip(&spent).enumerate() {
-            self.mempool_spends.insert(input.previous_output, (txid, vin as u32));
+            self.mempool_spends
+                .insert(input.previous_output, (txid, vin as u32));
             self.touch_history(&prev.script_pubkey, txid);
         }
         for output in &tx.output {
@@ -254,7 +306,13 @@ impl ChainState {
         }
         self.mempool_seq += 1;
         let vsize = tx.vsize() as u64;
-        let entry = MempoolEntry { tx, fee, vsize, spent, seq: self.mempool_seq };
+        let entry = MempoolEntry {
+            tx,
+            fee,
+            vsize,
+            spent,
+            seq: self.mempool_seq,
+        };
         self.mempool.insert(txid, entry);
         txid
     }
@@ -270,7 +328,8 @@ impl ChainState {
             let mut progress = false;
             pending.retain(|entry| {
                 let parents_in = entry.tx.input.iter().all(|i| {
-                    !self.mempool.contains_key(&i.previous_output.txid) || included.contains(&i.previous_output.txid)
+                    !self.mempool.contains_key(&i.previous_output.txid)
+                        || included.contains(&i.previous_output.txid)
                 });
                 let tx_weight = entry.tx.weight().to_wu();
                 if parents_in && weight + tx_weight <= max_weight {

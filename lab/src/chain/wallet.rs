@@ -6,8 +6,8 @@ use std::str::FromStr;
 use bitcoin::secp256k1::{All, Message, Secp256k1, SecretKey};
 use bitcoin::sighash::{EcdsaSighashType, SighashCache};
 use bitcoin::{
-    absolute, transaction, Address, Amount, CompressedPublicKey, Network, OutPoint, ScriptBuf, Sequence,
-    Transaction, TxIn, TxOut, Witness,
+    absolute, transaction, Address, Amount, CompressedPublicKey, Network, OutPoint, ScriptBuf,
+    Sequence, Transaction, TxIn, TxOut, Witness,
 };
 
 use super::mempool::COINBASE_MATURITY;
@@ -41,7 +41,13 @@ impl LabWallet {
         let secp = Secp256k1::new();
         let public = CompressedPublicKey(secret.public_key(&secp));
         let address = Address::p2wpkh(&public, Network::Regtest);
-        Ok(LabWallet { secp, secret, public, script: address.script_pubkey(), address })
+        Ok(LabWallet {
+            secp,
+            secret,
+            public,
+            script: address.script_pubkey(),
+            address,
+        })
     }
 
     /// Coins the lab can spend now: mature, not already spent in the mempool; unconfirmed change included.
@@ -59,7 +65,10 @@ impl LabWallet {
             .collect();
         for (txid, entry) in &state.mempool {
             for (vout, out) in entry.tx.output.iter().enumerate() {
-                let op = OutPoint { txid: *txid, vout: vout as u32 };
+                let op = OutPoint {
+                    txid: *txid,
+                    vout: vout as u32,
+                };
                 if out.script_pubkey == self.script && !state.mempool_spends.contains_key(&op) {
                     coins.push((op, out.clone()));
                 }
@@ -72,20 +81,33 @@ impl LabWallet {
 
     /// Spendable balance in sats.
     pub fn balance(&self, state: &ChainState) -> u64 {
-        self.spendable(state).iter().map(|(_, o)| o.value.to_sat()).sum()
+        self.spendable(state)
+            .iter()
+            .map(|(_, o)| o.value.to_sat())
+            .sum()
     }
 
     /// Builds and signs a transaction paying `outputs` from the lab's coins.
-    pub fn pay(&self, state: &ChainState, outputs: &[(ScriptBuf, u64)]) -> Result<Transaction, String> {
+    pub fn pay(
+        &self,
+        state: &ChainState,
+        outputs: &[(ScriptBuf, u64)],
+    ) -> Result<Transaction, String> {
         if outputs.is_empty() {
             return Err("no outputs to pay".into());
         }
         let target: u64 = outputs.iter().map(|(_, v)| *v).sum();
         let mut tx_outs: Vec<TxOut> = outputs
             .iter()
-            .map(|(script, value)| TxOut { value: Amount::from_sat(*value), script_pubkey: script.clone() })
+            .map(|(script, value)| TxOut {
+                value: Amount::from_sat(*value),
+                script_pubkey: script.clone(),
+            })
             .collect();
-        let outputs_vbytes: u64 = tx_outs.iter().map(|o| 9 + o.script_pubkey.len() as u64).sum();
+        let outputs_vbytes: u64 = tx_outs
+            .iter()
+            .map(|o| 9 + o.script_pubkey.len() as u64)
+            .sum();
         let mut selected = Vec::new();
         let mut total = 0u64;
         let mut fee = 0u64;
@@ -99,11 +121,17 @@ impl LabWallet {
             }
         }
         if total < target + fee {
-            return Err(format!("the lab's wallet has {total} sats spendable, needs {}", target + fee));
+            return Err(format!(
+                "the lab's wallet has {total} sats spendable, needs {}",
+                target + fee
+            ));
         }
         let change = total - target - fee;
         if change >= MIN_CHANGE {
-            tx_outs.push(TxOut { value: Amount::from_sat(change), script_pubkey: self.script.clone() });
+            tx_outs.push(TxOut {
+                value: Amount::from_sat(change),
+                script_pubkey: self.script.clone(),
+            });
         }
         let mut tx = Transaction {
             version: transaction::Version::TWO,
@@ -127,7 +155,10 @@ impl LabWallet {
                     .p2wpkh_signature_hash(index, &self.script, prev.value, EcdsaSighashType::All)
                     .map_err(|e| e.to_string())?;
                 let signature = self.secp.sign_ecdsa(&Message::from(sighash), &self.secret);
-                let signature = bitcoin::ecdsa::Signature { signature, sighash_type: EcdsaSighashType::All };
+                let signature = bitcoin::ecdsa::Signature {
+                    signature,
+                    sighash_type: EcdsaSighashType::All,
+                };
                 witnesses.push(Witness::p2wpkh(&signature, &self.public.0));
             }
         }
@@ -142,7 +173,11 @@ impl LabWallet {
 pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(contents.as_bytes())?;
     file.sync_all()
 }
