@@ -367,7 +367,7 @@ fn history(state: &ChainState, sh: &[u8; 32]) -> (Vec<Txid>, Vec<Txid>) {
         }
     }
     mempool.sort();
-    confirmed.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    confirmed.sort_by_key(|c| std::cmp::Reverse((c.0, c.1)));
     (
         mempool.into_iter().map(|m| m.1).collect(),
         confirmed.into_iter().map(|c| c.2).collect(),
