@@ -140,9 +140,121 @@ impl Home {
     }
 }
 
+/// The exclusive `flock` on `agent.lock` that makes one `automaton run` per home. Released when dropped or
+/// when the process dies, however it dies, so a crashed agent never leaves a stale lock behind.
+#[derive(Debug)]
+pub struct AgentLock {
+    _file: std::fs::File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("another `automaton run` ({}) holds {}; one agent per home", holder_text(*pid), path.display())]
+    Held { path: PathBuf, pid: Option<u32> },
+    #[error("cannot lock {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn holder_text(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("pid {pid}"),
+        None => "pid unknown".to_string(),
+    }
+}
+
+impl AgentLock {
+    /// Takes the lock and writes this process's pid into the lock file.
+    pub fn acquire(home: &Home) -> Result<AgentLock, LockError> {
+        use std::io::{Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = home.lock_path();
+        let io_err = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err)?;
+        // `status` probes the lock for an instant; a few retries keep that probe from refusing a real start.
+        let mut attempts = 0;
+        loop {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK && attempts < 5 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(40));
+                }
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                    return Err(LockError::Held {
+                        pid: read_pid(&path),
+                        path,
+                    })
+                }
+                Err(e) => return Err(io_err(e.into())),
+            }
+        }
+        file.set_len(0).map_err(io_err)?;
+        file.rewind().map_err(io_err)?;
+        writeln!(file, "{}", std::process::id()).map_err(io_err)?;
+        file.sync_all().map_err(io_err)?;
+        Ok(AgentLock { _file: file })
+    }
+
+    /// The pid of the running agent of this home, if one is running (`Some(None)`: running, pid unreadable).
+    pub fn holder(home: &Home) -> Result<Option<Option<u32>>, LockError> {
+        let path = home.lock_path();
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(LockError::Io { path, source }),
+        };
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared) {
+            Ok(()) => {
+                let _ = rustix::fs::flock(&file, rustix::fs::FlockOperation::Unlock);
+                Ok(None)
+            }
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(Some(read_pid(&path))),
+            Err(e) => Err(LockError::Io {
+                path,
+                source: e.into(),
+            }),
+        }
+    }
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn second_lock_is_refused_naming_the_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        assert_eq!(AgentLock::holder(&home).unwrap(), None);
+        let lock = AgentLock::acquire(&home).unwrap();
+        let pid = std::process::id();
+        match AgentLock::acquire(&home) {
+            Err(LockError::Held { pid: Some(p), .. }) => assert_eq!(p, pid),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(AgentLock::holder(&home).unwrap(), Some(Some(pid)));
+        drop(lock);
+        assert_eq!(AgentLock::holder(&home).unwrap(), None);
+        AgentLock::acquire(&home).unwrap();
+    }
 
     #[test]
     fn relative_home_is_made_absolute() {

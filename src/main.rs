@@ -1,1 +1,5 @@
-fn main() {}
+//! The `automaton` binary: everything lives in the library; this only hands over to the command line.
+
+fn main() -> std::process::ExitCode {
+    automaton::cli::main()
+}

@@ -1,1 +1,93 @@
-//! cli (being written).
+//! The command line: clap definitions, one file per subcommand, exit codes and error printing.
+//!
+//! Conventions (shared/CONVENTIONS.md): `--json` prints exactly one JSON document on stdout and puts every human
+//! note on stderr; exit 0 ok, 1 error, 2 refused by policy or budget, 3 a payment was attempted and failed.
+
+mod logs;
+#[cfg(any())]
+mod run;
+mod setup;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Override;
+use crate::home::{Home, HOME_ENV};
+
+/// A sovereign autonomous AI agent that lives on its own Lightning wallet.
+#[derive(Debug, Parser)]
+#[command(name = "automaton", version, propagate_version = true)]
+pub struct Cli {
+    /// The agent's home directory [default: $AUTOMATON_HOME, else ~/.automaton]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    /// Override one config key for this command (repeatable), e.g. -c inference.model=gpt-4o
+    #[arg(short = 'c', long = "config", global = true, value_name = "KEY=VALUE")]
+    pub overrides: Vec<Override>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new agent in the home (interactive, or fully scripted with --yes)
+    Setup(setup::SetupArgs),
+    /// Show the agent's identity, model, activity and money (works while the agent is stopped)
+    Status(status::StatusArgs),
+    /// Show recent turns and the tool calls they made
+    Logs(logs::LogsArgs),
+}
+
+/// An error that carries the process exit code (anything else exits 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ExitError {
+    pub code: u8,
+    pub message: String,
+}
+
+/// Parses the command line, runs the command and maps its outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let home = match &cli.home {
+        Some(dir) => Home::at(dir),
+        None => Home::from_env(),
+    };
+    let result = match cli.command {
+        Command::Setup(args) => setup::execute(&home, &cli.overrides, args),
+        Command::Status(args) => status::execute(&home, &cli.overrides, args),
+        Command::Logs(args) => logs::execute(&home, args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let code = err.downcast_ref::<ExitError>().map(|e| e.code).unwrap_or(1);
+            eprintln!("error: {err:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Tracing for the short-lived commands: warnings and errors on stderr, `RUST_LOG` to see more.
+pub(crate) fn init_stderr_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// The error for a command that needs an agent in a home that has none.
+pub(crate) fn not_set_up(home: &Home) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no agent in {} (no automaton.yaml); run `automaton setup`, or point --home / ${HOME_ENV} at an agent's home",
+        home.root().display()
+    )
+}

@@ -1,0 +1,102 @@
+//! Maps the offline world's `lab.json` onto an agent's config (`automaton setup --lab DIR/lab.json`).
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+/// The keys of `lab.json` that have a place in the agent's config. Other keys are ignored: the file grows as
+/// the lab grows, and an older binary must still read a newer world.
+#[derive(Debug, Deserialize)]
+struct LabJson {
+    network: Option<String>,
+    esplora_url: Option<String>,
+    model_url: Option<String>,
+    lsp: Option<LabLsp>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LabLsp {
+    node_id: String,
+    address: String,
+    token: Option<String>,
+}
+
+/// Name of the lab's free scripted model; the lab serves whatever model name it is asked for.
+pub const LAB_MODEL: &str = "scripted";
+
+/// Reads `lab.json` and returns the config layer it implies.
+pub fn overlay(path: &Path) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read {}: {e} (is `automaton-lab up` running?)",
+            path.display()
+        )
+    })?;
+    let lab: LabJson = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{} is not a lab.json: {e}", path.display()))?;
+    Ok(lab_layer(lab))
+}
+
+fn lab_layer(lab: LabJson) -> Value {
+    let mut root = Map::new();
+    let mut wallet = Map::new();
+    if let Some(network) = lab.network {
+        wallet.insert("network".into(), json!(network));
+    }
+    if let Some(url) = lab.esplora_url {
+        wallet.insert("esplora_url".into(), json!(url));
+    }
+    if let Some(lsp) = lab.lsp {
+        wallet.insert(
+            "lsp".into(),
+            json!({"node_id": lsp.node_id, "address": lsp.address, "token": lsp.token}),
+        );
+    }
+    if !wallet.is_empty() {
+        root.insert("wallet".into(), Value::Object(wallet));
+    }
+    if let Some(url) = lab.model_url {
+        // The lab's free model needs no key; clearing any key setting keeps a stale one from being sent there.
+        root.insert(
+            "inference".into(),
+            json!({"provider": "openai", "base_url": url, "model": LAB_MODEL,
+                   "api_key_env": null, "api_key_file": null}),
+        );
+    }
+    Value::Object(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn maps_known_keys_and_ignores_the_rest() {
+        let lab: LabJson = serde_json::from_value(json!({
+            "network": "regtest",
+            "esplora_url": "http://127.0.0.1:3002",
+            "control_url": "http://127.0.0.1:3003",
+            "model_url": "http://127.0.0.1:3004/v1",
+            "lsp": {"node_id": format!("02{}", "c".repeat(64)), "address": "127.0.0.1:9735", "token": "t"},
+            "relay_url": "ws://127.0.0.1:7000"
+        }))
+        .unwrap();
+        let mut base = Config::default();
+        base.inference.api_key_env = Some("OPENAI_API_KEY".into());
+        let config = base.merged(lab_layer(lab), "lab.json").unwrap();
+        assert_eq!(config.wallet.network, "regtest");
+        assert_eq!(
+            config.wallet.esplora_url.as_deref(),
+            Some("http://127.0.0.1:3002")
+        );
+        assert_eq!(
+            config.wallet.lsp.as_ref().unwrap().token.as_deref(),
+            Some("t")
+        );
+        assert_eq!(config.inference.base_url, "http://127.0.0.1:3004/v1");
+        assert_eq!(config.inference.model, LAB_MODEL);
+        assert_eq!(config.inference.api_key_env, None);
+    }
+}
