@@ -37,9 +37,7 @@ pub fn config_keys() -> &'static [ConfigKey] {
 }
 
 /// Substrings that mark an environment variable as a secret the agent's commands must not inherit.
-const SECRET_MARKERS: &[&str] = &[
-    "KEY", "TOKEN", "SECRET", "PASSWORD", "MNEMONIC", "MACAROON",
-];
+const SECRET_MARKERS: &[&str] = &["KEY", "TOKEN", "SECRET", "PASSWORD", "MNEMONIC", "MACAROON"];
 
 /// How long to keep reading a finished command's output while its background children hold the pipes open.
 const OUTPUT_GRACE: Duration = Duration::from_millis(200);
@@ -59,9 +57,11 @@ pub struct LocalCompute {
 
 impl LocalCompute {
     /// `extra_secret_vars`: variable names to drop besides the ones that look secret (the API key's variable).
-    pub fn new(workdir: PathBuf, extra_secret_vars: &[String]) -> Result<LocalCompute, ComputeError> {
-        std::fs::create_dir_all(&workdir)
-            .map_err(|e| ComputeError::io("create", &workdir, e))?;
+    pub fn new(
+        workdir: PathBuf,
+        extra_secret_vars: &[String],
+    ) -> Result<LocalCompute, ComputeError> {
+        std::fs::create_dir_all(&workdir).map_err(|e| ComputeError::io("create", &workdir, e))?;
         let env = std::env::vars_os()
             .filter(|(name, _)| !is_secret_var(&name.to_string_lossy(), extra_secret_vars))
             .collect();
@@ -162,12 +162,14 @@ impl ComputeProvider for LocalCompute {
             pgid: child.id().and_then(|id| i32::try_from(id).ok()),
         };
         let stop = CancellationToken::new();
-        let stdout = child.stdout.take().map(|r| {
-            tokio::spawn(read_capped(r, request.output_cap, stop.clone()))
-        });
-        let stderr = child.stderr.take().map(|r| {
-            tokio::spawn(read_capped(r, request.output_cap, stop.clone()))
-        });
+        let stdout = child
+            .stdout
+            .take()
+            .map(|r| tokio::spawn(read_capped(r, request.output_cap, stop.clone())));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|r| tokio::spawn(read_capped(r, request.output_cap, stop.clone())));
 
         let (status, timed_out) = match tokio::time::timeout(request.timeout, child.wait()).await {
             Ok(status) => (status.map_err(ComputeError::Spawn)?, false),
@@ -294,10 +296,20 @@ mod tests {
 
     #[test]
     fn secret_names() {
-        for name in ["OPENAI_API_KEY", "github_token", "DB_PASSWORD", "LND_MACAROON", "WALLET_MNEMONIC", "X_SECRET"] {
+        for name in [
+            "OPENAI_API_KEY",
+            "github_token",
+            "DB_PASSWORD",
+            "LND_MACAROON",
+            "WALLET_MNEMONIC",
+            "X_SECRET",
+        ] {
             assert!(is_secret_var(name, &[]), "{name}");
         }
-        assert!(is_secret_var("MY_MODEL_CREDS", &["MY_MODEL_CREDS".to_string()]));
+        assert!(is_secret_var(
+            "MY_MODEL_CREDS",
+            &["MY_MODEL_CREDS".to_string()]
+        ));
         assert!(!is_secret_var("PATH", &[]));
         assert!(!is_secret_var("HOME", &[]));
     }
@@ -324,7 +336,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let c = compute(dir.path());
         let out = c
-            .exec(req("head -c 100000 /dev/zero | tr '\\0' a", Duration::from_secs(10)))
+            .exec(req(
+                "head -c 100000 /dev/zero | tr '\\0' a",
+                Duration::from_secs(10),
+            ))
             .await
             .expect("exec");
         assert_eq!(out.exit_code, Some(0));

@@ -336,8 +336,13 @@ mod tests {
 
     #[test]
     fn tool_results_travel_in_user_messages_and_roles_alternate() {
-        let p = AnthropicProvider::new("http://127.0.0.1:1/v1", "claude", None, Duration::from_secs(1))
-            .expect("provider");
+        let p = AnthropicProvider::new(
+            "http://127.0.0.1:1/v1",
+            "claude",
+            None,
+            Duration::from_secs(1),
+        )
+        .expect("provider");
         let req = ChatRequest {
             system: "SYS".into(),
             messages: vec![
@@ -406,7 +411,9 @@ mod tests {
         assert_eq!(c.tool_calls[0].arguments, "{\"command\":\"ls\"}");
         assert_eq!(c.stop_reason, StopReason::ToolCalls);
         assert_eq!(c.usage.prompt_tokens, 12);
-        let (kind, msg) = error_fields(r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#);
+        let (kind, msg) = error_fields(
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        );
         assert_eq!(kind.as_deref(), Some("overloaded_error"));
         assert_eq!(msg, "Overloaded");
     }

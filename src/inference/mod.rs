@@ -354,7 +354,11 @@ pub(crate) fn parse_retry_after(headers: &reqwest::header::HeaderMap) -> Option<
     {
         return Some(Duration::from_secs_f64(ms / 1000.0));
     }
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = value.parse::<f64>() {
         if secs.is_finite() && secs >= 0.0 {
             return Some(Duration::from_secs_f64(secs));
@@ -469,18 +473,30 @@ mod tests {
     #[test]
     fn statuses_are_classified() {
         let mut h = HeaderMap::new();
-        h.insert("www-authenticate", HeaderValue::from_static("L402 macaroon=\"x\", invoice=\"lnbc1\""));
+        h.insert(
+            "www-authenticate",
+            HeaderValue::from_static("L402 macaroon=\"x\", invoice=\"lnbc1\""),
+        );
         assert!(matches!(
             classify_status(402, &h, None, "pay"),
             InferenceError::PaymentRequired { challenge: Some(c), .. } if c.starts_with("L402")
         ));
         let none = HeaderMap::new();
-        assert!(matches!(classify_status(429, &none, None, "slow"), InferenceError::RateLimited { retry_after: None, .. }));
+        assert!(matches!(
+            classify_status(429, &none, None, "slow"),
+            InferenceError::RateLimited {
+                retry_after: None,
+                ..
+            }
+        ));
         assert!(matches!(
             classify_status(429, &none, Some("insufficient_quota"), "quota"),
             InferenceError::PaymentRequired { .. }
         ));
-        assert!(matches!(classify_status(401, &none, None, "no"), InferenceError::Auth { .. }));
+        assert!(matches!(
+            classify_status(401, &none, None, "no"),
+            InferenceError::Auth { .. }
+        ));
         assert!(matches!(
             classify_status(400, &none, Some("context_length_exceeded"), "too long"),
             InferenceError::ContextTooLong { .. }
@@ -489,8 +505,14 @@ mod tests {
             classify_status(400, &none, None, "prompt is too long: 300000 tokens"),
             InferenceError::ContextTooLong { .. }
         ));
-        assert!(matches!(classify_status(400, &none, None, "bad"), InferenceError::BadRequest { .. }));
-        assert!(matches!(classify_status(529, &none, None, "overloaded"), InferenceError::Server { status: 529, .. }));
+        assert!(matches!(
+            classify_status(400, &none, None, "bad"),
+            InferenceError::BadRequest { .. }
+        ));
+        assert!(matches!(
+            classify_status(529, &none, None, "overloaded"),
+            InferenceError::Server { status: 529, .. }
+        ));
         assert!(classify_status(503, &none, None, "x").is_retryable());
         assert!(!classify_status(401, &none, None, "x").is_retryable());
     }
@@ -583,7 +605,13 @@ mod tests {
                 },
             ]),
         };
-        let rec = complete_with_retry(&provider, &request(), &fast_policy(3), &CancellationToken::new()).await;
+        let rec = complete_with_retry(
+            &provider,
+            &request(),
+            &fast_policy(3),
+            &CancellationToken::new(),
+        )
+        .await;
         assert!(rec.result.is_ok());
         assert_eq!(rec.attempts, 3);
     }
@@ -597,7 +625,13 @@ mod tests {
                 InferenceError::Network("c".into()),
             ]),
         };
-        let rec = complete_with_retry(&provider, &request(), &fast_policy(1), &CancellationToken::new()).await;
+        let rec = complete_with_retry(
+            &provider,
+            &request(),
+            &fast_policy(1),
+            &CancellationToken::new(),
+        )
+        .await;
         assert!(matches!(rec.result, Err(InferenceError::Network(_))));
         assert_eq!(rec.attempts, 2);
 
@@ -607,7 +641,13 @@ mod tests {
                 message: "no".into(),
             }]),
         };
-        let rec = complete_with_retry(&provider, &request(), &fast_policy(5), &CancellationToken::new()).await;
+        let rec = complete_with_retry(
+            &provider,
+            &request(),
+            &fast_policy(5),
+            &CancellationToken::new(),
+        )
+        .await;
         assert!(matches!(rec.result, Err(InferenceError::Auth { .. })));
         assert_eq!(rec.attempts, 1);
     }
@@ -620,8 +660,17 @@ mod tests {
                 message: "later".into(),
             }]),
         };
-        let rec = complete_with_retry(&provider, &request(), &fast_policy(5), &CancellationToken::new()).await;
-        assert!(matches!(rec.result, Err(InferenceError::RateLimited { .. })));
+        let rec = complete_with_retry(
+            &provider,
+            &request(),
+            &fast_policy(5),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(
+            rec.result,
+            Err(InferenceError::RateLimited { .. })
+        ));
         assert_eq!(rec.attempts, 1);
     }
 }

@@ -128,25 +128,27 @@ impl OpenAiProvider {
                 Message::Assistant {
                     content,
                     tool_calls,
-                } => ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
-                    content: content
-                        .clone()
-                        .map(ChatCompletionRequestAssistantMessageContent::Text),
-                    tool_calls: (!tool_calls.is_empty()).then(|| {
-                        tool_calls
-                            .iter()
-                            .map(|c| ChatCompletionMessageToolCall {
-                                id: c.id.clone(),
-                                r#type: ChatCompletionToolType::Function,
-                                function: FunctionCall {
-                                    name: c.name.clone(),
-                                    arguments: c.arguments.clone(),
-                                },
-                            })
-                            .collect()
-                    }),
-                    ..Default::default()
-                }),
+                } => {
+                    ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
+                        content: content
+                            .clone()
+                            .map(ChatCompletionRequestAssistantMessageContent::Text),
+                        tool_calls: (!tool_calls.is_empty()).then(|| {
+                            tool_calls
+                                .iter()
+                                .map(|c| ChatCompletionMessageToolCall {
+                                    id: c.id.clone(),
+                                    r#type: ChatCompletionToolType::Function,
+                                    function: FunctionCall {
+                                        name: c.name.clone(),
+                                        arguments: c.arguments.clone(),
+                                    },
+                                })
+                                .collect()
+                        }),
+                        ..Default::default()
+                    })
+                }
                 Message::Tool {
                     tool_call_id,
                     content,
@@ -312,13 +314,15 @@ fn normalize(value: &mut Value) {
     let Some(obj) = value.as_object_mut() else {
         return;
     };
-    obj.entry("id").or_insert_with(|| Value::String(String::new()));
+    obj.entry("id")
+        .or_insert_with(|| Value::String(String::new()));
     obj.entry("object")
         .or_insert_with(|| Value::String("chat.completion".into()));
     if !obj.get("created").is_some_and(Value::is_u64) {
         obj.insert("created".into(), Value::from(0u32));
     }
-    obj.entry("model").or_insert_with(|| Value::String(String::new()));
+    obj.entry("model")
+        .or_insert_with(|| Value::String(String::new()));
     if obj.get("usage").is_some_and(|u| !u.is_object()) {
         obj.remove("usage");
     }
@@ -357,7 +361,8 @@ fn normalize(value: &mut Value) {
                 let Some(call) = call.as_object_mut() else {
                     continue;
                 };
-                if !call.get("id").is_some_and(|v| v.as_str().is_some_and(|s| !s.is_empty())) {
+                let has_id = matches!(call.get("id"), Some(Value::String(id)) if !id.is_empty());
+                if !has_id {
                     call.insert(
                         "id".into(),
                         Value::String(format!("call_{}", ulid::Ulid::new())),
@@ -390,7 +395,8 @@ mod tests {
 
     #[test]
     fn request_body_has_system_tools_and_results() {
-        let p = OpenAiProvider::new("http://127.0.0.1:1/v1/", "m", None, Duration::from_secs(1)).expect("provider");
+        let p = OpenAiProvider::new("http://127.0.0.1:1/v1/", "m", None, Duration::from_secs(1))
+            .expect("provider");
         assert_eq!(p.url, "http://127.0.0.1:1/v1/chat/completions");
         let req = ChatRequest {
             system: "SYS".into(),
@@ -423,7 +429,10 @@ mod tests {
         let body = serde_json::to_value(p.request_body(&req)).expect("json");
         assert_eq!(body["messages"][0]["role"], "system");
         assert_eq!(body["messages"][0]["content"], "SYS");
-        assert_eq!(body["messages"][2]["tool_calls"][0]["function"]["name"], "exec");
+        assert_eq!(
+            body["messages"][2]["tool_calls"][0]["function"]["name"],
+            "exec"
+        );
         assert_eq!(body["messages"][3]["role"], "tool");
         assert_eq!(body["messages"][3]["tool_call_id"], "c1");
         assert_eq!(body["tools"][0]["type"], "function");
@@ -448,13 +457,21 @@ mod tests {
         assert_eq!(c.text.as_deref(), Some("hello"));
         assert_eq!(c.usage.prompt_tokens, 10);
         assert_eq!(c.usage.completion_tokens, 2);
-        assert!(matches!(parse_response("{}"), Err(InferenceError::BadResponse(_))));
-        assert!(matches!(parse_response("<html>"), Err(InferenceError::BadResponse(_))));
+        assert!(matches!(
+            parse_response("{}"),
+            Err(InferenceError::BadResponse(_))
+        ));
+        assert!(matches!(
+            parse_response("<html>"),
+            Err(InferenceError::BadResponse(_))
+        ));
     }
 
     #[test]
     fn error_bodies() {
-        let (code, msg) = error_fields(r#"{"error":{"message":"nope","type":"invalid_request_error","code":"context_length_exceeded"}}"#);
+        let (code, msg) = error_fields(
+            r#"{"error":{"message":"nope","type":"invalid_request_error","code":"context_length_exceeded"}}"#,
+        );
         assert_eq!(code.as_deref(), Some("context_length_exceeded"));
         assert_eq!(msg, "nope");
         let (code, msg) = error_fields("plain text");

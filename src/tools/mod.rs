@@ -72,7 +72,10 @@ pub struct ToolDef {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Control {
     /// End the turn and sleep (capped by `agent.max_sleep_secs`) or until a wake event.
-    Sleep { seconds: u64, reason: Option<String> },
+    Sleep {
+        seconds: u64,
+        reason: Option<String>,
+    },
 }
 
 /// A handler's answer.
@@ -392,11 +395,7 @@ pub fn cap_text(text: &str, cap: usize) -> String {
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!(
-        "{}\n[… {} more bytes cut]",
-        &text[..end],
-        text.len() - end
-    )
+    format!("{}\n[… {} more bytes cut]", &text[..end], text.len() - end)
 }
 
 #[cfg(test)]
@@ -409,7 +408,13 @@ mod tests {
         let names: Vec<&str> = r.defs().iter().map(|d| d.name).collect();
         assert_eq!(
             names,
-            vec!["exec", "read_file", "write_file", "sleep", "system_synopsis"]
+            vec![
+                "exec",
+                "read_file",
+                "write_file",
+                "sleep",
+                "system_synopsis"
+            ]
         );
     }
 
@@ -437,8 +442,17 @@ mod tests {
             read_only: false,
         };
         let p = AuthorityPolicy;
-        assert_eq!(p.check(&def, &Value::Null, Authority::Agent), Decision::Allow);
-        assert_eq!(p.check(&def, &Value::Null, Authority::Creator), Decision::Allow);
-        assert!(matches!(p.check(&def, &Value::Null, Authority::External), Decision::Deny(_)));
+        assert_eq!(
+            p.check(&def, &Value::Null, Authority::Agent),
+            Decision::Allow
+        );
+        assert_eq!(
+            p.check(&def, &Value::Null, Authority::Creator),
+            Decision::Allow
+        );
+        assert!(matches!(
+            p.check(&def, &Value::Null, Authority::External),
+            Decision::Deny(_)
+        ));
     }
 }

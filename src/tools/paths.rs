@@ -140,10 +140,7 @@ pub fn resolve(path: &Path) -> std::io::Result<PathBuf> {
             Ok(meta) if meta.file_type().is_symlink() => {
                 hops += 1;
                 if hops > MAX_SYMLINK_HOPS {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::Other,
-                        "too many levels of symbolic links",
-                    ));
+                    return Err(std::io::Error::from_raw_os_error(libc::ELOOP));
                 }
                 let target = std::fs::read_link(&candidate)?;
                 let mut front = components(&target);
@@ -220,7 +217,10 @@ mod tests {
         let f = fixture();
         assert!(f.guard.check(&f.home.join("state.db")).is_err());
         assert!(f.guard.check(&f.work.join("../state.db")).is_err());
-        assert!(f.guard.check(&f.work.join("./x/../../genesis/./constitution.md")).is_err());
+        assert!(f
+            .guard
+            .check(&f.work.join("./x/../../genesis/./constitution.md"))
+            .is_err());
         assert!(f.guard.check(&f.home.join("wallet.json")).is_err());
         assert!(f.guard.check(&f.home.join("node/keys_seed")).is_err());
         assert!(f.guard.check(&f.work.join("notes.md")).is_ok());
@@ -239,7 +239,10 @@ mod tests {
         // A relative link followed by `..`: resolved against the link's target, like the kernel does.
         std::fs::create_dir_all(f.home.join("a/b")).expect("mkdir");
         symlink("../../genesis", f.home.join("a/b/g")).expect("symlink");
-        assert!(f.guard.check(&f.work.join("../a/b/g/constitution.md")).is_err());
+        assert!(f
+            .guard
+            .check(&f.work.join("../a/b/g/constitution.md"))
+            .is_err());
         symlink(f.home.join("genesis"), f.work.join("gen")).expect("symlink");
         assert!(f.guard.check(&f.work.join("gen/../state.db")).is_err());
         // A chain of links.
@@ -247,7 +250,10 @@ mod tests {
         assert!(f.guard.check(&f.work.join("w2")).is_err());
         // A loop is refused, not followed forever.
         symlink(f.work.join("loop"), f.work.join("loop")).expect("symlink");
-        assert!(matches!(f.guard.check(&f.work.join("loop")), Err(PathRefusal::Unresolvable { .. })));
+        assert!(matches!(
+            f.guard.check(&f.work.join("loop")),
+            Err(PathRefusal::Unresolvable { .. })
+        ));
     }
 
     #[test]
@@ -272,7 +278,10 @@ mod tests {
     fn commands_naming_protected_files() {
         let f = fixture();
         assert!(f.guard.mentioned_in("cat ../wallet.json").is_some());
-        assert!(f.guard.mentioned_in(&format!("rm {}", f.home.join("state.db").display())).is_some());
+        assert!(f
+            .guard
+            .mentioned_in(&format!("rm {}", f.home.join("state.db").display()))
+            .is_some());
         assert!(f.guard.mentioned_in("ls node_modules").is_none());
         assert!(f.guard.mentioned_in("echo hi").is_none());
     }

@@ -88,7 +88,10 @@ impl ToolHandler for ExecTool {
                 text.push('\n');
             }
             if cut {
-                text.push_str(&format!("[{label} cut at {} bytes]\n", ctx.config.compute.output_cap_bytes));
+                text.push_str(&format!(
+                    "[{label} cut at {} bytes]\n",
+                    ctx.config.compute.output_cap_bytes
+                ));
             }
         }
         Ok(ToolOutput {
