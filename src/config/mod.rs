@@ -532,112 +532,145 @@ impl Config {
 
     /// Checks values the types cannot: required fields, URLs, names. `origin` names the file in errors.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |key: &str, reason: String| ConfigError::Invalid {
-            origin: origin.to_string(),
-            key: key.to_string(),
-            reason,
-        };
-        validate_name(&self.name).map_err(|r| invalid("name", r))?;
-        validate_http_url(&self.inference.base_url)
-            .map_err(|r| invalid("inference.base_url", r))?;
-        if self.inference.model.trim().is_empty() {
-            return Err(invalid("inference.model", "must not be empty".into()));
+        match self.problems().into_iter().next() {
+            None => Ok(()),
+            Some((key, reason)) => Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                key: key.to_string(),
+                reason,
+            }),
         }
-        if let Some(var) = &self.inference.api_key_env {
-            validate_env_var_name(var).map_err(|r| invalid("inference.api_key_env", r))?;
-        }
-        if self.inference.max_tokens == 0 {
-            return Err(invalid("inference.max_tokens", "must be at least 1".into()));
-        }
-        if self.inference.timeout_secs == 0 {
-            return Err(invalid(
-                "inference.timeout_secs",
-                "must be at least 1".into(),
-            ));
-        }
-        if self.compute.provider.trim().is_empty() {
-            return Err(invalid("compute.provider", "must not be empty".into()));
-        }
-        if self.compute.exec_timeout_secs == 0 {
-            return Err(invalid(
-                "compute.exec_timeout_secs",
-                "must be at least 1".into(),
-            ));
-        }
-        let a = &self.agent;
-        for (key, value) in [
-            ("agent.max_tool_calls_per_turn", a.max_tool_calls_per_turn),
-            ("agent.max_turns_per_cycle", a.max_turns_per_cycle),
-            ("agent.repeat_limit", a.repeat_limit),
-            ("agent.maintenance_limit", a.maintenance_limit),
-            ("agent.error_limit", a.error_limit),
-            ("agent.recent_turns", a.recent_turns),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be at least 1".into()));
+    }
+
+    /// Every invalid value as (dotted key, reason), in file order.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems: Vec<(&'static str, String)> = Vec::new();
+        let mut check = |key: &'static str, result: Result<(), String>| {
+            if let Err(reason) = result {
+                problems.push((key, reason));
             }
+        };
+        let at_least_one = |v: u64| {
+            if v == 0 {
+                Err("must be at least 1".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        let not_empty = |s: &str| {
+            if s.trim().is_empty() {
+                Err("must not be empty".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        let not_above = |v: u64, max: u64, max_key: &str| {
+            if v > max {
+                Err(format!("is larger than {max_key} ({max})"))
+            } else {
+                Ok(())
+            }
+        };
+        check("name", validate_name(&self.name));
+        check(
+            "inference.base_url",
+            validate_http_url(&self.inference.base_url),
+        );
+        check("inference.model", not_empty(&self.inference.model));
+        if let Some(var) = &self.inference.api_key_env {
+            check("inference.api_key_env", validate_env_var_name(var));
         }
-        if a.default_sleep_secs > a.max_sleep_secs {
-            return Err(invalid(
-                "agent.default_sleep_secs",
-                format!("is larger than agent.max_sleep_secs ({})", a.max_sleep_secs),
-            ));
-        }
-        if a.backoff_base_secs > a.backoff_max_secs {
-            return Err(invalid(
-                "agent.backoff_base_secs",
-                format!(
-                    "is larger than agent.backoff_max_secs ({})",
-                    a.backoff_max_secs
-                ),
-            ));
-        }
+        check(
+            "inference.max_tokens",
+            at_least_one(self.inference.max_tokens.into()),
+        );
+        check(
+            "inference.timeout_secs",
+            at_least_one(self.inference.timeout_secs),
+        );
+        check("compute.provider", not_empty(&self.compute.provider));
+        check(
+            "compute.exec_timeout_secs",
+            at_least_one(self.compute.exec_timeout_secs),
+        );
+        let a = &self.agent;
+        check(
+            "agent.max_tool_calls_per_turn",
+            at_least_one(a.max_tool_calls_per_turn.into()),
+        );
+        check(
+            "agent.max_turns_per_cycle",
+            at_least_one(a.max_turns_per_cycle.into()),
+        );
+        check("agent.repeat_limit", at_least_one(a.repeat_limit.into()));
+        check(
+            "agent.maintenance_limit",
+            at_least_one(a.maintenance_limit.into()),
+        );
+        check("agent.error_limit", at_least_one(a.error_limit.into()));
+        check("agent.recent_turns", at_least_one(a.recent_turns.into()));
+        check(
+            "agent.default_sleep_secs",
+            not_above(
+                a.default_sleep_secs,
+                a.max_sleep_secs,
+                "agent.max_sleep_secs",
+            ),
+        );
+        check(
+            "agent.backoff_base_secs",
+            not_above(
+                a.backoff_base_secs,
+                a.backoff_max_secs,
+                "agent.backoff_max_secs",
+            ),
+        );
         let l = &self.limits;
-        if l.per_payment_sats > l.daily_sats {
-            return Err(invalid(
-                "limits.per_payment_sats",
-                format!("is larger than limits.daily_sats ({})", l.daily_sats),
-            ));
-        }
-        if l.hourly_sats > l.daily_sats {
-            return Err(invalid(
-                "limits.hourly_sats",
-                format!("is larger than limits.daily_sats ({})", l.daily_sats),
-            ));
-        }
-        if !["bitcoin", "testnet", "signet", "regtest"].contains(&self.wallet.network.as_str()) {
-            return Err(invalid(
-                "wallet.network",
-                format!(
-                    "`{}` is not one of bitcoin, testnet, signet, regtest",
-                    self.wallet.network
-                ),
-            ));
-        }
+        check(
+            "limits.per_payment_sats",
+            not_above(l.per_payment_sats, l.daily_sats, "limits.daily_sats"),
+        );
+        check(
+            "limits.hourly_sats",
+            not_above(l.hourly_sats, l.daily_sats, "limits.daily_sats"),
+        );
+        let network = self.wallet.network.as_str();
+        check(
+            "wallet.network",
+            if ["bitcoin", "testnet", "signet", "regtest"].contains(&network) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{network}` is not one of bitcoin, testnet, signet, regtest"
+                ))
+            },
+        );
         if let Some(url) = &self.wallet.esplora_url {
-            validate_http_url(url).map_err(|r| invalid("wallet.esplora_url", r))?;
+            check("wallet.esplora_url", validate_http_url(url));
         }
         if let Some(lsp) = &self.wallet.lsp {
-            validate_node_id(&lsp.node_id).map_err(|r| invalid("wallet.lsp.node_id", r))?;
-            if lsp.address.trim().is_empty() {
-                return Err(invalid("wallet.lsp.address", "must not be empty".into()));
-            }
+            check("wallet.lsp.node_id", validate_node_id(&lsp.node_id));
+            check("wallet.lsp.address", not_empty(&lsp.address));
         }
         if let Some(npub) = &self.creator.npub {
-            validate_npub(npub).map_err(|r| invalid("creator.npub", r))?;
+            check("creator.npub", validate_npub(npub));
         }
         if let Some(node_id) = &self.creator.node_id {
-            validate_node_id(node_id).map_err(|r| invalid("creator.node_id", r))?;
+            check("creator.node_id", validate_node_id(node_id));
         }
         if let Some(url) = &self.http.public_url {
-            validate_http_url(url).map_err(|r| invalid("http.public_url", r))?;
+            check("http.public_url", validate_http_url(url));
         }
         if let Some(listen) = &self.http.listen {
-            listen
-                .parse::<std::net::SocketAddr>()
-                .map_err(|_| invalid("http.listen", format!("`{listen}` is not HOST:PORT")))?;
+            check(
+                "http.listen",
+                listen
+                    .parse::<std::net::SocketAddr>()
+                    .map(|_| ())
+                    .map_err(|_| format!("`{listen}` is not HOST:PORT")),
+            );
         }
-        Ok(())
+        problems
     }
 
     /// The config as it is written to `automaton.yaml`, with a header explaining the layers.

@@ -231,11 +231,9 @@ fn check_key(config: &Config, key: &str, answer: &str) -> Result<Config, String>
             ConfigError::Override { message, .. } => message,
             other => other.to_string(),
         })?;
-    match updated.validate("answer") {
-        Err(ConfigError::Invalid {
-            key: bad, reason, ..
-        }) if bad == key => Err(reason),
-        _ => Ok(updated),
+    match updated.problems().into_iter().find(|(bad, _)| *bad == key) {
+        Some((_, reason)) => Err(reason),
+        None => Ok(updated),
     }
 }
 
