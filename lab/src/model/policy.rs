@@ -82,6 +82,8 @@ pub(crate) fn decide(conversation: &Conversation, prompt: &Prompt) -> Reply {
 struct Turn<'a> {
     conversation: &'a Conversation,
     prompt: &'a Prompt,
+    /// Index of the first message of this turn.
+    start: usize,
     /// 1-based number of this turn among the turns visible in the conversation.
     number: usize,
     /// Tool calls the assistant made in this turn, in order.
@@ -90,18 +92,26 @@ struct Turn<'a> {
 
 impl<'a> Turn<'a> {
     fn new(conversation: &'a Conversation, prompt: &'a Prompt) -> Turn<'a> {
+        // A turn ends with a `sleep` result or a text-only answer; a user message opens the next one (and
+        // closes a turn that ended some other way, e.g. at the runtime's tool-call limit).
         let mut start = 0;
         let mut finished = 0;
+        let mut active = false;
         for (index, message) in conversation.messages.iter().enumerate() {
             let ends_turn = match message.role {
                 Role::Assistant => message.tool_calls.is_empty(),
                 Role::Tool => conversation.answered_tool(message) == Some("sleep"),
-                _ => false,
+                Role::User => active,
+                Role::System => false,
             };
             if ends_turn {
                 finished += 1;
+                active = false;
+                start = index + 1;
+            } else if message.role == Role::Assistant {
+                active = true;
             }
-            if ends_turn || message.role == Role::User {
+            if message.role == Role::User {
                 start = index + 1;
             }
         }
@@ -112,8 +122,18 @@ impl<'a> Turn<'a> {
         Turn {
             conversation,
             prompt,
+            start,
             number: finished + 1,
             calls,
+        }
+    }
+
+    /// The message that opened this turn (the runtime's wake reason), if any.
+    fn opening(&self) -> Option<&'a str> {
+        let messages = &self.conversation.messages[..self.start];
+        match messages.last() {
+            Some(message) if message.role == Role::User => Some(message.text.as_str()),
+            _ => None,
         }
     }
 
@@ -178,22 +198,24 @@ impl<'a> Turn<'a> {
                 return reply;
             }
         }
-        let path = self.note_path();
-        let wrote = self.calls.iter().any(|call| {
-            call.name == "write_file" && call.arg_str("path").as_deref() == Some(&path)
-        });
-        if self.offers("write_file") && !wrote {
-            return self.call(
-                "write_file",
-                json!({"path": path, "content": self.note_content()}),
-            );
-        }
-        let read_back = self
-            .calls
-            .iter()
-            .any(|call| call.name == "read_file" && call.arg_str("path").as_deref() == Some(&path));
-        if wrote && self.offers("read_file") && !read_back {
-            return self.call("read_file", json!({"path": path}));
+        // The note is the only file the policy writes; compare against calls as made, since the offered
+        // schema may have bent the path.
+        let wrote = self.calls.iter().find(|call| call.name == "write_file");
+        match wrote {
+            None if self.offers("write_file") => {
+                return self.call(
+                    "write_file",
+                    json!({"path": self.note_path(), "content": self.note_content()}),
+                );
+            }
+            Some(note) if self.offers("read_file") => {
+                let path = note.arg_str("path").unwrap_or_else(|| self.note_path());
+                let read_back = self.call("read_file", json!({"path": path}));
+                if !self.made(&read_back) {
+                    return read_back;
+                }
+            }
+            _ => {}
         }
         self.finish()
     }
@@ -272,6 +294,9 @@ impl<'a> Turn<'a> {
 
     fn note_content(&self) -> String {
         let mut lines = vec![format!("# Turn {}", self.number), String::new()];
+        if let Some(opening) = self.opening() {
+            lines.push(format!("- woke for: {}", first_line(opening, 160)));
+        }
         let status = self
             .calls
             .iter()
@@ -477,11 +502,15 @@ impl<'a> Turn<'a> {
         if !self.offers(tool) {
             return None;
         }
-        let done = self
-            .conversation
-            .calls()
-            .any(|(_, call)| call.name == tool && call.arg_str(key).as_deref() == Some(value));
-        (!done).then(|| self.call(tool, args()))
+        let reply = self.call(tool, args());
+        let Reply::Call { arguments, .. } = &reply else {
+            return None;
+        };
+        let done = self.conversation.calls().any(|(_, call)| {
+            call.name == tool
+                && (call.arg_str(key).as_deref() == Some(value) || &call.args() == arguments)
+        });
+        (!done).then_some(reply)
     }
 
     /// Pays each invoice found in the conversation at most once, one payment per turn; with a URL and no

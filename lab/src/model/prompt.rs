@@ -192,7 +192,7 @@ fn split_skills(text: &str) -> Blocks<'_> {
                     Some(Open::Heading(open_level)) | Some(Open::Listing(open_level)) => {
                         level <= open_level
                     }
-                    // An H1 or a bracketed layer marker ends an unterminated `[SKILL:` block.
+                    // An H1 (a new layer of the system prompt) ends an unterminated `[SKILL:` block.
                     Some(Open::Marker) => level == 1,
                     None => false,
                 };
@@ -212,8 +212,6 @@ fn split_skills(text: &str) -> Blocks<'_> {
                     blocks.outside.push(line);
                     continue;
                 }
-            } else if matches!(open, Some(Open::Marker)) && is_layer_marker(trimmed) {
-                open = None;
             }
         }
         match open {
@@ -278,14 +276,6 @@ fn is_end_marker(upper: &str) -> bool {
     ]
     .iter()
     .any(|marker| upper.starts_with(marker))
-}
-
-/// A line such as `[STATUS]` or `[GENESIS PROMPT]` that starts another prompt layer.
-fn is_layer_marker(trimmed: &str) -> bool {
-    trimmed.len() > 2
-        && trimmed.starts_with('[')
-        && trimmed.ends_with(']')
-        && !trimmed[1..].starts_with(['x', 'X', ' '])
 }
 
 fn heading(trimmed: &str) -> Option<(usize, &str)> {

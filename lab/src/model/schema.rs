@@ -47,7 +47,7 @@ pub(crate) fn conform(value: Value, schema: &Value) -> Value {
         }
     }
     let value = match schema.get("allOf").and_then(Value::as_array) {
-        Some(parts) => parts.iter().fold(value, |value, part| conform(value, part)),
+        Some(parts) => parts.iter().fold(value, conform),
         None => value,
     };
     match chosen_type(&value, schema).as_deref() {
