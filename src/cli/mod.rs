@@ -4,11 +4,11 @@
 //! note on stderr; exit 0 ok, 1 error, 2 refused by policy or budget, 3 a payment was attempted and failed.
 
 mod logs;
-#[cfg(any())]
 mod run;
 mod setup;
 mod status;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,6 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Create a new agent in the home (interactive, or fully scripted with --yes)
     Setup(setup::SetupArgs),
+    /// Run the agent: think, act, sleep, wake, until stopped (or for --turns N)
+    Run(run::RunArgs),
     /// Show the agent's identity, model, activity and money (works while the agent is stopped)
     Status(status::StatusArgs),
     /// Show recent turns and the tool calls they made
@@ -53,13 +55,25 @@ pub struct ExitError {
 
 /// Parses the command line, runs the command and maps its outcome to an exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // clap exits 2 on a usage error, but 2 means "refused by policy" here: bad usage is an ordinary error.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let home = match &cli.home {
         Some(dir) => Home::at(dir),
         None => Home::from_env(),
     };
     let result = match cli.command {
         Command::Setup(args) => setup::execute(&home, &cli.overrides, args),
+        Command::Run(args) => run::execute(&home, &cli.overrides, args),
         Command::Status(args) => status::execute(&home, &cli.overrides, args),
         Command::Logs(args) => logs::execute(&home, args),
     };
@@ -80,6 +94,7 @@ pub(crate) fn init_stderr_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

@@ -1,5 +1,6 @@
 //! `automaton run`: lock the home, start logging and the runtime, and hand over to the agent loop.
 
+use std::io::IsTerminal;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -58,12 +59,9 @@ async fn run_agent(home: &Home, config: Config, args: RunArgs) -> anyhow::Result
     spawn_signal_handler(cancel.clone())?;
     let started = Instant::now();
     tracing::info!(
-        name = %config.name,
         home = %home.root().display(),
-        model = %config.inference.model,
-        turns = ?args.turns,
         pid = std::process::id(),
-        "agent starting"
+        "automaton run holds the home"
     );
     let options = RunOptions { turns: args.turns };
     let summary = agent::run(home, &config, db, options, cancel).await?;
@@ -71,7 +69,7 @@ async fn run_agent(home: &Home, config: Config, args: RunArgs) -> anyhow::Result
         turns = summary.turns,
         tool_calls = summary.tool_calls,
         elapsed_secs = started.elapsed().as_secs(),
-        "agent stopped"
+        "automaton run finished"
     );
     Ok(())
 }
@@ -131,6 +129,7 @@ fn init_run_tracing(home: &Home) -> anyhow::Result<tracing_appender::non_blockin
         .with(
             fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false)
                 .with_filter(filter()),
         )
