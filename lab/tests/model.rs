@@ -436,16 +436,28 @@ async fn skills_are_used_through_their_commands_or_their_files() {
     let calls = agent.turn("wake").await;
     assert_eq!(calls[1], ("exec".to_owned(), json!({"command": "df -h /"})));
 
-    // A skill with nothing to run is read from the home's skills folder.
-    let system = system_prompt("", &[("poetry", "Write short poems.")]);
-    let mut agent = Agent::new(&model, system, tools);
+    // A skill with nothing to run is read from its file, when the prompt shows where skills live.
+    let system = system_prompt(
+        "Your skills are in /home/agent/skills/.",
+        &[("poetry", "Write short poems.")],
+    );
+    let mut agent = Agent::new(&model, system, tools.clone());
     let calls = agent.turn("wake").await;
     assert_eq!(
         calls[1],
         (
             "read_file".to_owned(),
-            json!({"path": "skills/poetry/SKILL.md"})
+            json!({"path": "/home/agent/skills/poetry/SKILL.md"})
         )
+    );
+
+    // Otherwise the skill gives nothing to do and the turn goes on to the note.
+    let system = system_prompt("", &[("poetry", "Write short poems.")]);
+    let mut agent = Agent::new(&model, system, tools);
+    let calls = agent.turn("wake").await;
+    assert_eq!(
+        names(&calls),
+        ["system_synopsis", "write_file", "read_file", "sleep"]
     );
 }
 

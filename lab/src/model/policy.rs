@@ -305,7 +305,7 @@ impl<'a> Turn<'a> {
             Some(call) => format!(
                 "- status ({}): {}",
                 call.name,
-                first_line(self.result(call), 200)
+                collapsed(self.result(call), 200)
             ),
             None => "- status: no status tool offered".to_owned(),
         });
@@ -334,7 +334,7 @@ impl<'a> Turn<'a> {
     }
 
     /// Uses the turn's skill: a read-only tool it names, else the first safe shell command in its code
-    /// blocks, else reading its SKILL.md.
+    /// blocks, else reading its SKILL.md (when the conversation shows where skills live); else nothing.
     fn skill_step(&self) -> Option<Reply> {
         let skill = self.current_skill()?;
         let status = self.status_tool();
@@ -355,20 +355,43 @@ impl<'a> Turn<'a> {
             }
         }
         if self.offers("read_file") {
-            let dir: String = skill
-                .name
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                .collect();
-            let dir = dir.trim_start_matches('.');
-            if !dir.is_empty() {
-                return Some(self.call(
-                    "read_file",
-                    json!({"path": format!("skills/{dir}/SKILL.md")}),
-                ));
+            if let Some(path) = self.skill_file(&skill.name) {
+                return Some(self.call("read_file", json!({"path": path})));
             }
         }
         None
+    }
+
+    /// The absolute path of a skill's SKILL.md, when the conversation shows where skills live (relative
+    /// paths resolve against the runtime's workspace, which need not hold the skills).
+    fn skill_file(&self, name: &str) -> Option<String> {
+        let name: String = name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            .collect();
+        let name = name.trim_start_matches('.');
+        if name.is_empty() {
+            return None;
+        }
+        self.conversation
+            .messages
+            .iter()
+            .filter(|message| message.role != Role::Assistant)
+            .flat_map(|message| {
+                message.text.split(|c: char| {
+                    c.is_whitespace() || matches!(c, '"' | '\'' | '`' | ',' | '(' | ')')
+                })
+            })
+            .filter(|word| word.starts_with('/'))
+            .find_map(|word| {
+                let word = word.trim_end_matches(['.', ':', ';']);
+                if let Some(index) = word.find(&format!("/skills/{name}")) {
+                    return Some(format!("{}/skills/{name}/SKILL.md", &word[..index]));
+                }
+                let dir = word.trim_end_matches('/');
+                dir.ends_with("/skills")
+                    .then(|| format!("{dir}/{name}/SKILL.md"))
+            })
     }
 
     /// The next call a scenario asks for, if it has one left in this turn.
@@ -683,6 +706,16 @@ fn first_line(text: &str, max: usize) -> String {
         .find(|line| !line.is_empty())
         .unwrap_or("");
     let collapsed = line.split_whitespace().collect::<Vec<_>>().join(" ");
+    if collapsed.chars().count() > max {
+        collapsed.chars().take(max).collect::<String>() + "…"
+    } else {
+        collapsed
+    }
+}
+
+/// The whole text on one line (JSON results included), at most `max` characters.
+fn collapsed(text: &str, max: usize) -> String {
+    let collapsed = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if collapsed.chars().count() > max {
         collapsed.chars().take(max).collect::<String>() + "…"
     } else {
