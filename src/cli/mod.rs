@@ -19,7 +19,12 @@ use crate::home::{Home, HOME_ENV};
 
 /// A sovereign autonomous AI agent that lives on its own Lightning wallet.
 #[derive(Debug, Parser)]
-#[command(name = "automaton", version, propagate_version = true)]
+#[command(
+    name = "automaton",
+    version,
+    propagate_version = true,
+    args_override_self = true
+)]
 pub struct Cli {
     /// The agent's home directory [default: $AUTOMATON_HOME, else ~/.automaton]
     #[arg(long, global = true, value_name = "DIR")]
