@@ -363,7 +363,11 @@ fn describe_parse(
     }
     match key {
         Some(key) if message.starts_with("unknown field") => {
-            out.push_str(&format!(": unknown key `{key}` ({message})"))
+            let expected = message
+                .split_once(", ")
+                .map(|(_, rest)| format!(" ({rest})"))
+                .unwrap_or_default();
+            out.push_str(&format!(": unknown key `{key}`{expected}"))
         }
         Some(key) => out.push_str(&format!(": key `{key}`: {message}")),
         None => out.push_str(&format!(": {message}")),
@@ -505,7 +509,11 @@ impl Config {
         }
         let (err_key, message) = first_error.unwrap_or_default();
         let message = if message.starts_with("unknown field") {
-            format!("unknown key `{err_key}` ({message})")
+            let expected = message
+                .split_once(", ")
+                .map(|(_, rest)| format!(" ({rest})"))
+                .unwrap_or_default();
+            format!("unknown key `{err_key}`{expected}")
         } else {
             format!("key `{err_key}`: {message}")
         };

@@ -61,12 +61,25 @@ pub fn to_string<T: Serialize>(value: &T) -> Result<String, YamlError> {
     })
 }
 
-/// serde_yaml appends " at line L column C"; the caller prints the location its own way.
+/// serde_yaml prefixes the key path ("inference.model: ") and appends " at line L column C"; the caller
+/// prints both its own way.
 fn strip_location(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(idx) => message[..idx].to_string(),
-        None => message.to_string(),
-    }
+    let message = match message.rfind(" at line ") {
+        Some(idx) => &message[..idx],
+        None => message,
+    };
+    let message = match message.split_once(": ") {
+        Some((prefix, rest))
+            if !prefix.is_empty()
+                && prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.[]".contains(c)) =>
+        {
+            rest
+        }
+        _ => message,
+    };
+    message.to_string()
 }
 
 /// serde_path_to_error stops at the map holding an unknown key; the key's own name is in the message.
@@ -117,7 +130,7 @@ mod tests {
         let err = from_str::<Outer>("name: x\ninner:\n  count: 1\n  cuont: 2\n").unwrap_err();
         assert_eq!(err.line, Some(4), "{err:?}");
         assert_eq!(err.key.as_deref(), Some("inner.cuont"), "{err:?}");
-        assert!(err.message.contains("unknown field `cuont`"), "{err:?}");
+        assert!(err.message.starts_with("unknown field `cuont`"), "{err:?}");
     }
 
     #[test]
