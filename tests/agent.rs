@@ -585,3 +585,93 @@ async fn a_sleeping_agent_wakes_on_a_wake_event_and_stops_on_sigterm() {
     assert_eq!(consumed, 1);
     assert_eq!(agent.turn_outcomes(), ["sleep", "sleep"]);
 }
+
+#[tokio::test]
+async fn inference_cost_is_recorded_in_sats_when_a_price_is_configured() {
+    let model = ModelServer::openai(|n, _| match n {
+        0 => tool_call("system_synopsis", json!({})),
+        _ => text("done"),
+    })
+    .await;
+    let agent = TestHome::new();
+    let fragment = agent.dir.path().join("price.yaml");
+    std::fs::write(
+        &fragment,
+        "inference:\n  price:\n    input_msat_per_1k_tokens: 50000\n    output_msat_per_1k_tokens: 100000\n",
+    )
+    .expect("fragment");
+    agent.setup_with(
+        &model.base_url(),
+        GENESIS,
+        &["--config-from", fragment.to_str().expect("utf-8 path")],
+    );
+    agent.run_turns(1, &[]);
+    // Each call: 100 prompt tokens at 50 sat/1k + 10 completion tokens at 100 sat/1k = 5 + 1 = 6 sats.
+    let (calls, turn): (Vec<i64>, i64) = agent
+        .db()
+        .call_blocking(|c| {
+            let mut stmt = c.prepare("SELECT cost_sats FROM inference_calls ORDER BY rowid")?;
+            let calls = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<i64>>>()?;
+            let turn = c.query_row("SELECT cost_sats FROM turns", [], |r| r.get(0))?;
+            Ok((calls, turn))
+        })
+        .expect("costs");
+    assert_eq!(calls, [6, 6]);
+    assert_eq!(turn, 12);
+    // The synopsis the agent read reported its spend so far.
+    let synopsis = &model.requests()[1].trailing_tool_results()[0].1;
+    assert!(synopsis.contains("\"priced\": true"), "{synopsis}");
+}
+
+#[tokio::test]
+async fn the_agent_runs_on_the_anthropic_messages_api() {
+    let model = ModelServer::anthropic(|n, _| match n {
+        0 => ResponseTemplate::new(200).set_body_json(json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "write_file",
+                         "input": {"path": "from-claude.txt", "content": "hello"}}],
+            "stop_reason": "tool_use", "usage": {"input_tokens": 30, "output_tokens": 5}
+        })),
+        _ => ResponseTemplate::new(200).set_body_json(json!({
+            "id": "msg_2", "type": "message", "role": "assistant", "model": "claude-test",
+            "content": [{"type": "text", "text": "Wrote it."}],
+            "stop_reason": "end_turn", "usage": {"input_tokens": 40, "output_tokens": 3}
+        })),
+    })
+    .await;
+    let agent = TestHome::new();
+    agent.setup_with(&model.base_url(), GENESIS, &["--provider", "anthropic"]);
+    agent.run_turns(1, &[]);
+    assert_eq!(read(agent.workspace().join("from-claude.txt")), "hello");
+    let requests = model.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].api_key_header.as_deref(), Some(KEY_VALUE));
+    assert!(requests[0].system().contains("# Constitution"));
+    let names: Vec<&str> = requests[0].body["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .map(|t| t["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "exec",
+            "read_file",
+            "write_file",
+            "sleep",
+            "system_synopsis"
+        ]
+    );
+    let last = requests[1].messages().last().expect("a message").clone();
+    assert_eq!(last["role"], "user");
+    assert_eq!(last["content"][0]["type"], "tool_result");
+    assert_eq!(last["content"][0]["tool_use_id"], "toolu_1");
+    assert!(last["content"][0]["content"]
+        .as_str()
+        .expect("text")
+        .starts_with("wrote 5 bytes"));
+    assert_eq!(agent.turn_outcomes(), ["text"]);
+}

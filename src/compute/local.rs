@@ -1,6 +1,7 @@
 //! The local compute backend: commands run on this machine in their own process group (killed as a whole on
 //! timeout or when the agent stops waiting), with an environment scrubbed of secrets, in the agent's workspace.
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -101,13 +102,18 @@ impl Drop for GroupKiller {
     }
 }
 
+/// Reads a stream to its end (or until `stop`), keeping the first and the last `cap / 2` bytes: the start of an
+/// output says what ran, the end usually says how it failed. Returns the kept text and whether anything was cut.
 async fn read_capped<R: AsyncRead + Unpin>(
     mut reader: R,
     cap: usize,
     stop: CancellationToken,
 ) -> (Vec<u8>, bool) {
-    let mut kept = Vec::new();
-    let mut truncated = false;
+    let head_cap = cap / 2;
+    let tail_cap = cap - head_cap;
+    let mut head = Vec::new();
+    let mut tail: VecDeque<u8> = VecDeque::new();
+    let mut dropped = 0usize;
     let mut chunk = vec![0u8; 8192];
     loop {
         tokio::select! {
@@ -116,16 +122,25 @@ async fn read_capped<R: AsyncRead + Unpin>(
             n = reader.read(&mut chunk) => match n {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    let room = cap.saturating_sub(kept.len());
-                    if n > room {
-                        truncated = true;
+                    let mut bytes = &chunk[..n];
+                    let to_head = head_cap.saturating_sub(head.len()).min(bytes.len());
+                    head.extend_from_slice(&bytes[..to_head]);
+                    bytes = &bytes[to_head..];
+                    tail.extend(bytes);
+                    if tail.len() > tail_cap {
+                        let excess = tail.len() - tail_cap;
+                        tail.drain(..excess);
+                        dropped += excess;
                     }
-                    kept.extend_from_slice(&chunk[..n.min(room)]);
                 }
             },
         }
     }
-    (kept, truncated)
+    if dropped > 0 {
+        head.extend_from_slice(format!("\n[… {dropped} bytes cut …]\n").as_bytes());
+    }
+    head.extend(tail);
+    (head, dropped > 0)
 }
 
 #[async_trait]
@@ -343,8 +358,20 @@ mod tests {
             .await
             .expect("exec");
         assert_eq!(out.exit_code, Some(0));
-        assert_eq!(out.stdout.len(), 1024);
         assert!(out.stdout_truncated);
+        assert!(out.stdout.starts_with(&"a".repeat(512)));
+        assert!(out.stdout.ends_with(&"a".repeat(512)));
+        assert!(
+            out.stdout.contains("[… 98976 bytes cut …]"),
+            "{}",
+            &out.stdout[500..560]
+        );
+        let out = c
+            .exec(req("echo start; head -c 5000 /dev/zero | tr '\\0' x; echo; echo the error at the end >&1", Duration::from_secs(10)))
+            .await
+            .expect("exec");
+        assert!(out.stdout.starts_with("start\n"));
+        assert!(out.stdout.ends_with("the error at the end\n"));
     }
 
     #[tokio::test]

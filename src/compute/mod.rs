@@ -22,7 +22,8 @@ pub struct ExecRequest {
     /// A shell command line (`sh -c`).
     pub command: String,
     pub timeout: Duration,
-    /// Bytes kept from each of stdout and stderr; the rest is drained and dropped.
+    /// Bytes kept from each of stdout and stderr (half from the start, half from the end); the middle is drained
+    /// and dropped.
     pub output_cap: usize,
 }
 

@@ -283,6 +283,11 @@ impl TestHome {
 
     /// `automaton setup --yes` against a model server.
     pub fn setup(&self, model_url: &str, genesis: &str) {
+        self.setup_with(model_url, genesis, &[]);
+    }
+
+    /// `automaton setup --yes` with extra flags.
+    pub fn setup_with(&self, model_url: &str, genesis: &str, extra: &[&str]) {
         self.automaton()
             .args([
                 "setup",
@@ -298,6 +303,7 @@ impl TestHome {
                 "--genesis-prompt",
                 genesis,
             ])
+            .args(extra)
             .assert()
             .success();
     }

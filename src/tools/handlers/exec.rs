@@ -54,6 +54,13 @@ impl ToolHandler for ExecTool {
                 )));
             }
         }
+        // Both streams must fit in one tool result, or the registry's cap would cut stderr off entirely.
+        let stream_cap = ctx
+            .config
+            .compute
+            .output_cap_bytes
+            .min(ctx.config.agent.tool_result_cap_bytes.saturating_sub(300) / 2)
+            .max(256);
         let timeout_secs = args
             .timeout_secs
             .unwrap_or(ctx.config.compute.exec_timeout_secs)
@@ -63,7 +70,7 @@ impl ToolHandler for ExecTool {
             .exec(ExecRequest {
                 command: args.command,
                 timeout: Duration::from_secs(timeout_secs),
-                output_cap: ctx.config.compute.output_cap_bytes,
+                output_cap: stream_cap,
             })
             .await?;
         let mut text = String::new();
@@ -76,22 +83,14 @@ impl ToolHandler for ExecTool {
         } else if let Some(signal) = out.signal {
             text.push_str(&format!("killed by signal {signal}\n"));
         }
-        for (label, body, cut) in [
-            ("stdout", &out.stdout, out.stdout_truncated),
-            ("stderr", &out.stderr, out.stderr_truncated),
-        ] {
+        // A cut stream carries its own "[… N bytes cut …]" marker between its head and tail.
+        for (label, body) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
             if body.is_empty() {
                 continue;
             }
             text.push_str(&format!("--- {label} ---\n{body}"));
             if !body.ends_with('\n') {
                 text.push('\n');
-            }
-            if cut {
-                text.push_str(&format!(
-                    "[{label} cut at {} bytes]\n",
-                    ctx.config.compute.output_cap_bytes
-                ));
             }
         }
         Ok(ToolOutput {

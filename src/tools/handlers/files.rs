@@ -49,7 +49,13 @@ impl ToolHandler for ReadFileTool {
         let args: ReadArgs =
             serde_json::from_value(args).map_err(|e| ToolError::Respond(e.to_string()))?;
         let path = target_path(ctx, &args.path)?;
-        let cap = ctx.config.agent.tool_result_cap_bytes;
+        // Leave room for the note below, so the registry's result cap never cuts it off.
+        let cap = ctx
+            .config
+            .agent
+            .tool_result_cap_bytes
+            .saturating_sub(300)
+            .max(1);
         let file = ctx.compute.read_file(&path, cap).await?;
         if file.bytes.contains(&0) {
             return Ok(ToolOutput::ok(format!(
