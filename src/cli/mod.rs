@@ -41,7 +41,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a new agent in the home (interactive, or fully scripted with --yes)
-    Setup(setup::SetupArgs),
+    Setup(Box<setup::SetupArgs>),
     /// Run the agent: think, act, sleep, wake, until stopped (or for --turns N)
     Run(run::RunArgs),
     /// Show the agent's identity, model, activity and money (works while the agent is stopped)
@@ -77,7 +77,7 @@ pub fn main() -> ExitCode {
         None => Home::from_env(),
     };
     let result = match cli.command {
-        Command::Setup(args) => setup::execute(&home, &cli.overrides, args),
+        Command::Setup(args) => setup::execute(&home, &cli.overrides, *args),
         Command::Run(args) => run::execute(&home, &cli.overrides, args),
         Command::Status(args) => status::execute(&home, &cli.overrides, args),
         Command::Logs(args) => logs::execute(&home, args),

@@ -24,7 +24,7 @@ pub use secret::Secret;
 pub const ENV_PREFIX: &str = "AUTOMATON__";
 
 /// Everything an agent is configured with. Secrets are not in here, only where to find them.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub name: String,
@@ -271,21 +271,6 @@ pub struct HttpConfig {
     pub listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            name: String::new(),
-            creator: CreatorConfig::default(),
-            inference: InferenceConfig::default(),
-            compute: ComputeConfig::default(),
-            agent: AgentConfig::default(),
-            limits: LimitsConfig::default(),
-            wallet: WalletConfig::default(),
-            http: HttpConfig::default(),
-        }
-    }
 }
 
 /// Why the configuration could not be loaded, written, or a secret read.
