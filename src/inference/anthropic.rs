@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    classify_status, classify_transport, clip_message, ChatRequest, Completion, InferenceError,
-    InferenceProvider, Message, StopReason, ToolCall, Usage,
+    classify_status, classify_transport, clip_message, read_body, ChatRequest, Completion,
+    InferenceError, InferenceProvider, Message, StopReason, ToolCall, Usage,
 };
 use crate::config::keys::ConfigKey;
 use crate::config::Secret;
@@ -257,10 +257,7 @@ impl InferenceProvider for AnthropicProvider {
             .map_err(|e| classify_transport(e, self.timeout))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| classify_transport(e, self.timeout))?;
+        let text = read_body(response, self.timeout).await?;
         if !status.is_success() {
             let (kind, message) = error_fields(&text);
             return Err(classify_status(

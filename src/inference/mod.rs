@@ -287,8 +287,12 @@ pub async fn complete_with_retry(
     let mut attempts = 0u32;
     loop {
         attempts += 1;
+        // No attempt may run past the deadline, whatever the backend's own timeout says.
+        let remaining = policy.deadline.saturating_sub(started.elapsed());
         let result = tokio::select! {
-            r = provider.complete(request) => r,
+            r = tokio::time::timeout(remaining, provider.complete(request)) => {
+                r.unwrap_or(Err(InferenceError::Timeout(remaining)))
+            }
             _ = cancel.cancelled() => Err(InferenceError::Cancelled),
         };
         let err = match result {
@@ -368,6 +372,30 @@ pub(crate) fn parse_retry_after(headers: &reqwest::header::HeaderMap) -> Option<
     let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
     let delta = when.with_timezone(&chrono::Utc) - chrono::Utc::now();
     Some(delta.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// Largest response body we read from an inference endpoint; anything bigger is a broken or hostile server.
+pub(crate) const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Reads a response body, refusing to buffer more than `MAX_RESPONSE_BYTES`.
+pub(crate) async fn read_body(
+    mut response: reqwest::Response,
+    timeout: Duration,
+) -> Result<String, InferenceError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| classify_transport(e, timeout))?
+    {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(InferenceError::BadResponse(format!(
+                "the answer is larger than {MAX_RESPONSE_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Error text from a provider, cut to a length that fits a log line and a DB column.
@@ -650,6 +678,29 @@ mod tests {
         .await;
         assert!(matches!(rec.result, Err(InferenceError::Auth { .. })));
         assert_eq!(rec.attempts, 1);
+    }
+
+    struct Hangs;
+
+    #[async_trait]
+    impl InferenceProvider for Hangs {
+        async fn complete(&self, _request: &ChatRequest) -> Result<Completion, InferenceError> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn no_attempt_outlives_the_deadline() {
+        let policy = RetryPolicy {
+            deadline: Duration::from_millis(50),
+            ..fast_policy(3)
+        };
+        let rec = complete_with_retry(&Hangs, &request(), &policy, &CancellationToken::new()).await;
+        assert!(
+            matches!(rec.result, Err(InferenceError::Timeout(_))),
+            "{:?}",
+            rec.result
+        );
     }
 
     #[tokio::test]

@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use super::{
-    classify_status, classify_transport, clip_message, ChatRequest, Completion, InferenceError,
-    InferenceProvider, Message, StopReason, ToolCall, Usage,
+    classify_status, classify_transport, clip_message, read_body, ChatRequest, Completion,
+    InferenceError, InferenceProvider, Message, StopReason, ToolCall, Usage,
 };
 use crate::config::keys::ConfigKey;
 use crate::config::Secret;
@@ -203,10 +203,7 @@ impl OpenAiProvider {
             .map_err(|e| classify_transport(e, self.timeout))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| classify_transport(e, self.timeout))?;
+        let text = read_body(response, self.timeout).await?;
         if !status.is_success() {
             let (code, message) = error_fields(&text);
             return Err(classify_status(
