@@ -25,8 +25,10 @@ pub struct LogsArgs {
 /// How often `--follow` looks for new turns.
 const FOLLOW_POLL: Duration = Duration::from_millis(500);
 
-/// Longest excerpt of free text (input, thinking, results) in the human view.
-const EXCERPT_CHARS: usize = 240;
+/// Longest excerpt of free text (input, thinking, results) in the human view; `--json` has everything.
+const EXCERPT_CHARS: usize = 200;
+/// Tool arguments are shown shorter: the result usually says more.
+const ARGUMENT_CHARS: usize = 100;
 
 pub fn execute(home: &Home, args: LogsArgs) -> anyhow::Result<()> {
     super::init_stderr_tracing();
@@ -87,10 +89,10 @@ fn print_turn(out: &mut impl Write, turn: &TurnRecord, json: bool) -> anyhow::Re
         turn.completion_tokens
     )?;
     if let Some(input) = turn.input.as_deref().filter(|s| !s.trim().is_empty()) {
-        writeln!(out, "  input:    {}", excerpt(input))?;
+        writeln!(out, "  input:    {}", excerpt(input, EXCERPT_CHARS))?;
     }
     if let Some(thinking) = turn.thinking.as_deref().filter(|s| !s.trim().is_empty()) {
-        writeln!(out, "  thinking: {}", excerpt(thinking))?;
+        writeln!(out, "  thinking: {}", excerpt(thinking, EXCERPT_CHARS))?;
     }
     for call in &turn.tool_calls {
         writeln!(
@@ -98,20 +100,20 @@ fn print_turn(out: &mut impl Write, turn: &TurnRecord, json: bool) -> anyhow::Re
             "  {}. {} {} -> {} ({} ms): {}",
             call.seq + 1,
             call.name,
-            excerpt(&call.arguments),
+            excerpt(&call.arguments, ARGUMENT_CHARS),
             if call.is_error { "error" } else { "ok" },
             call.duration_ms,
-            excerpt(&call.result)
+            excerpt(&call.result, EXCERPT_CHARS)
         )?;
     }
     Ok(())
 }
 
-/// One line, at most `EXCERPT_CHARS` characters.
-fn excerpt(text: &str) -> String {
+/// One line of at most `max` characters.
+fn excerpt(text: &str, max: usize) -> String {
     let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if flat.chars().count() > EXCERPT_CHARS {
-        let cut: String = flat.chars().take(EXCERPT_CHARS).collect();
+    if flat.chars().count() > max {
+        let cut: String = flat.chars().take(max).collect();
         format!("{cut}…")
     } else {
         flat

@@ -22,6 +22,8 @@ struct StatusReport {
     pid: Option<u32>,
     inference: InferenceStatus,
     compute_provider: String,
+    creator: crate::config::CreatorConfig,
+    http: crate::config::HttpConfig,
     /// Survival tier: unknown until the agent has a wallet to measure.
     tier: Option<String>,
     wallet: WalletStatus,
@@ -125,6 +127,8 @@ pub fn execute(home: &Home, overrides: &[Override], args: StatusArgs) -> anyhow:
             api_key_error,
         },
         compute_provider: config.compute.provider.clone(),
+        creator: config.creator.clone(),
+        http: config.http.clone(),
         tier: None,
         wallet: WalletStatus {
             status: "not_set_up",
@@ -173,6 +177,21 @@ fn human(r: &StatusReport) -> String {
         ),
     );
     line("compute", r.compute_provider.clone());
+    if let Some(url) = &r.http.public_url {
+        line("http", url.clone());
+    }
+    let creator = [
+        r.creator.name.as_deref(),
+        r.creator.npub.as_deref(),
+        r.creator.node_id.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(", ");
+    if !creator.is_empty() {
+        line("creator", creator);
+    }
     let t = &r.totals;
     line(
         "turns",
