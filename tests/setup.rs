@@ -516,3 +516,25 @@ fn interactive_setup_without_a_terminal_points_to_yes() {
         .stderr(predicate::str::contains("--yes"));
     assert!(!home.join("automaton.yaml").exists());
 }
+
+#[test]
+fn a_directory_holding_other_files_is_not_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("projects");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("thesis.tex"), "precious").unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    setup_yes(&home)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("thesis.tex"))
+        .stderr(predicate::str::contains("nothing was written"));
+    assert_eq!(mode(&home), 0o755);
+    assert!(!home.join(".git").exists());
+    assert!(!home.join("automaton.yaml").exists());
+
+    // An empty directory, or the leftovers of an interrupted setup, are fine.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("genesis")).unwrap();
+    setup_yes(&empty).assert().success();
+}

@@ -81,6 +81,9 @@ pub fn run(home: &Home, request: &SetupRequest) -> anyhow::Result<SetupOutcome> 
             home.root().display()
         );
     }
+    if !existing {
+        refuse_foreign_directory(home)?;
+    }
     if request.reconfigure && request.genesis.is_some() {
         bail!(
             "--reconfigure keeps the genesis prompt; to change it, edit {} (it is tracked in the home's git history)",
@@ -169,13 +172,66 @@ pub fn run(home: &Home, request: &SetupRequest) -> anyhow::Result<SetupOutcome> 
     } else {
         format!("setup: {} is born", config.name)
     };
-    let git = git::commit(home, &message)?;
+    // The agent is complete without its history; a git failure must not make a finished setup look failed.
+    let git = git::commit(home, &message).unwrap_or_else(|err| {
+        git::GitOutcome::Skipped(format!("the home's git history was not updated: {err}"))
+    });
     Ok(SetupOutcome {
         config,
         reconfigured: existing,
         git,
         warnings,
     })
+}
+
+/// What a home may already hold before `automaton.yaml` exists: leftovers of an interrupted setup.
+const SETUP_ENTRIES: &[&str] = &[
+    ".git",
+    ".gitignore",
+    "genesis",
+    "skills",
+    "logs",
+    "workspace",
+    "heartbeat.yaml",
+    "state.db",
+    "state.db-wal",
+    "state.db-shm",
+    "state.db-journal",
+    "agent.lock",
+    "wallet.json",
+    "node",
+];
+
+/// Refuses to turn a directory that holds something else (a mistyped `--home ~/projects`) into an agent's
+/// home: setup makes it private (0700) and a git repository, which its owner did not ask for.
+fn refuse_foreign_directory(home: &Home) -> anyhow::Result<()> {
+    let entries = match std::fs::read_dir(home.root()) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotADirectory => {
+            bail!("{} is a file, not a directory", home.root().display())
+        }
+        Err(err) => {
+            return Err(err).with_context(|| format!("cannot read {}", home.root().display()))
+        }
+    };
+    let mut foreign: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            !SETUP_ENTRIES.contains(&name.as_str()) && !name.starts_with(".automaton.yaml.tmp")
+        })
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    foreign.truncate(5);
+    bail!(
+        "{} already holds other files ({}) and no agent; choose a new or empty directory with --home; nothing was written",
+        home.root().display(),
+        foreign.join(", ")
+    )
 }
 
 /// Which required settings some explicit layer provided (so `--yes` never silently runs on OpenAI defaults).
