@@ -54,7 +54,7 @@ fn mode(path: &Path) -> u32 {
 
 fn yaml(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::from_str(&text).unwrap()
+    automaton::config::yaml::from_str(&text).unwrap()
 }
 
 /// Every file under `dir` (except .git internals) with its bytes.

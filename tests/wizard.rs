@@ -40,7 +40,7 @@ fn exit_code(session: &mut Session) -> String {
 }
 
 fn yaml(path: &Path) -> serde_json::Value {
-    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    automaton::config::yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[test]
