@@ -123,6 +123,9 @@ pub(crate) struct TurnInput {
     pub text: String,
     pub source: String,
     pub authority: Authority,
+    /// Wake events this input answers; marked consumed in the same transaction that records the turn, so a crash
+    /// mid-turn delivers them again instead of losing them.
+    pub wake_event_ids: Vec<i64>,
 }
 
 pub(crate) struct Agent {
@@ -220,14 +223,12 @@ impl Agent {
 
     /// Builds the next turn's input from pending wake events, guard notices and how the agent woke.
     async fn next_input(&mut self) -> Result<TurnInput, AgentError> {
-        let now = now_rfc3339();
         let (events, turns_total) = self
             .ctx
             .db
             .call(move |c| {
-                let tx = c.transaction()?;
                 let events = {
-                    let mut stmt = tx.prepare(
+                    let mut stmt = c.prepare(
                         "SELECT id, source, reason FROM wake_events WHERE consumed_at IS NULL ORDER BY id LIMIT ?1",
                     )?;
                     let rows = stmt.query_map([MAX_WAKE_EVENTS_PER_TURN], |r| {
@@ -235,14 +236,7 @@ impl Agent {
                     })?;
                     rows.collect::<rusqlite::Result<Vec<_>>>()?
                 };
-                for (id, _, _) in &events {
-                    tx.execute(
-                        "UPDATE wake_events SET consumed_at = ?1 WHERE id = ?2",
-                        rusqlite::params![now, id],
-                    )?;
-                }
-                let turns: i64 = tx.query_row("SELECT count(*) FROM turns", [], |r| r.get(0))?;
-                tx.commit()?;
+                let turns: i64 = c.query_row("SELECT count(*) FROM turns", [], |r| r.get(0))?;
                 Ok((events, turns))
             })
             .await?;
@@ -310,6 +304,7 @@ impl Agent {
             text: parts.join("\n\n"),
             source: source.unwrap_or_else(|| "self".into()),
             authority,
+            wake_event_ids: events.iter().map(|(id, _, _)| *id).collect(),
         })
     }
 

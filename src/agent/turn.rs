@@ -53,6 +53,7 @@ pub(crate) struct TurnRecord {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cost_sats: Option<i64>,
+    pub wake_event_ids: Vec<i64>,
 }
 
 pub(crate) struct FinishedTurn {
@@ -62,7 +63,8 @@ pub(crate) struct FinishedTurn {
 }
 
 impl TurnRecord {
-    /// Writes the turn, its tool calls and its inference calls in one transaction.
+    /// Writes the turn, its tool calls and its inference calls, and marks the wake events it answered as consumed,
+    /// in one transaction.
     pub async fn persist(&self, db: &Db, outcome: String) -> Result<(), StateError> {
         let turn = self.clone();
         db.call(move |c| {
@@ -119,6 +121,12 @@ impl TurnRecord {
                         call.error,
                         call.created_at
                     ],
+                )?;
+            }
+            for id in &turn.wake_event_ids {
+                tx.execute(
+                    "UPDATE wake_events SET consumed_at = ?1 WHERE id = ?2 AND consumed_at IS NULL",
+                    params![turn.started_at, id],
                 )?;
             }
             tx.commit()
@@ -185,6 +193,7 @@ impl Agent {
             prompt_tokens: 0,
             completion_tokens: 0,
             cost_sats: config.inference.price.map(|_| 0),
+            wake_event_ids: input.wake_event_ids.clone(),
         };
 
         let status = self.status().await?;
