@@ -214,3 +214,16 @@ fn declining_at_the_end_writes_nothing() {
     assert!(code.ends_with(", 1)"), "{code}");
     assert!(!home.join("automaton.yaml").exists());
 }
+
+#[test]
+fn ctrl_c_cancels_without_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("agent");
+    let mut s = wizard(&home, &[]);
+    answer(&mut s, "Agent name", "quitter");
+    s.expect("Genesis prompt").unwrap();
+    s.send("\x03").unwrap();
+    let code = exit_code(&mut s);
+    assert!(!code.ends_with(", 0)"), "{code}");
+    assert!(!home.join("automaton.yaml").exists());
+}
