@@ -420,10 +420,21 @@ async fn sigterm_stops_a_sleeping_agent_cleanly() {
         let mut agent = spawn(&home, &["run"]);
         let pid = agent.0.id();
         // Running, holding the lock under its own pid, and asleep after its first turn.
-        wait_for("the agent's first turn", Duration::from_secs(60), || {
+        let report = wait_for("the agent's first turn", Duration::from_secs(60), || {
             let report = status_json(&home);
-            (report["pid"] == pid && report["totals"]["turns"] == 1).then_some(())
+            (report["pid"] == pid
+                && report["totals"]["turns"] == 1
+                && report["sleeping_until"].is_string())
+            .then_some(report)
         });
+        assert_eq!(report["sleep_reason"], "nothing to do");
+        automaton(&home)
+            .arg("status")
+            .assert()
+            .success()
+            .stdout(predicate::str::contains(format!(
+                "running (pid {pid}), asleep until"
+            )));
         rustix::process::kill_process(
             rustix::process::Pid::from_raw(pid as i32).unwrap(),
             rustix::process::Signal::TERM,
@@ -433,7 +444,9 @@ async fn sigterm_stops_a_sleeping_agent_cleanly() {
             agent.0.try_wait().unwrap()
         });
         assert!(status.success(), "exit status {status:?}");
-        assert_eq!(status_json(&home)["running"], false);
+        let report = status_json(&home);
+        assert_eq!(report["running"], false);
+        assert_eq!(report["sleeping_until"], Value::Null);
     })
     .await
     .unwrap();

@@ -20,6 +20,9 @@ struct StatusReport {
     home: String,
     running: bool,
     pid: Option<u32>,
+    /// While the agent sleeps: until when (RFC 3339) and why.
+    sleeping_until: Option<String>,
+    sleep_reason: Option<String>,
     inference: InferenceStatus,
     compute_provider: String,
     creator: crate::config::CreatorConfig,
@@ -70,7 +73,7 @@ pub fn execute(home: &Home, overrides: &[Override], args: StatusArgs) -> anyhow:
     };
     let pid = AgentLock::holder(home)?;
 
-    let (totals, last_turn, pending_wake_events) = if home.db_path().exists() {
+    let (totals, last_turn, pending_wake_events, sleep) = if home.db_path().exists() {
         let db = Db::open(&home.db_path())?;
         db.call_blocking(|conn| {
             let totals = history::totals(conn)?;
@@ -93,11 +96,17 @@ pub fn execute(home: &Home, overrides: &[Override], args: StatusArgs) -> anyhow:
                 }
                 None => None,
             };
-            Ok((totals, last, history::pending_wake_events(conn)?))
+            let sleep = (
+                history::kv_get(conn, "agent.sleeping_until")?,
+                history::kv_get(conn, "agent.sleep_reason")?,
+            );
+            Ok((totals, last, history::pending_wake_events(conn)?, sleep))
         })?
     } else {
-        (history::Totals::default(), None, 0)
+        (history::Totals::default(), None, 0, (None, None))
     };
+    // A stopped agent's last sleep note is stale: it is not sleeping, it is not running.
+    let (sleeping_until, sleep_reason) = if pid.is_some() { sleep } else { (None, None) };
 
     let (api_key, api_key_error) = match config.inference_api_key() {
         Ok(Some(_)) => ("set", None),
@@ -118,6 +127,8 @@ pub fn execute(home: &Home, overrides: &[Override], args: StatusArgs) -> anyhow:
         home: home.root().display().to_string(),
         running: pid.is_some(),
         pid: pid.flatten(),
+        sleeping_until,
+        sleep_reason,
         inference: InferenceStatus {
             provider: config.inference.provider.to_string(),
             base_url: config.inference.base_url.clone(),
@@ -153,14 +164,18 @@ fn human(r: &StatusReport) -> String {
     let mut line = |label: &str, value: String| out.push_str(&format!("{label:<12} {value}\n"));
     line("name", r.name.clone());
     line("home", r.home.clone());
-    line(
-        "agent",
-        match (r.running, r.pid) {
-            (true, Some(pid)) => format!("running (pid {pid})"),
-            (true, None) => "running".to_string(),
-            (false, _) => "stopped".to_string(),
-        },
-    );
+    let mut agent = match (r.running, r.pid) {
+        (true, Some(pid)) => format!("running (pid {pid})"),
+        (true, None) => "running".to_string(),
+        (false, _) => "stopped".to_string(),
+    };
+    if let Some(until) = &r.sleeping_until {
+        agent.push_str(&format!(", asleep until {until}"));
+        if let Some(reason) = &r.sleep_reason {
+            agent.push_str(&format!(": {reason}"));
+        }
+    }
+    line("agent", agent);
     let key = match (r.inference.api_key, &r.inference.api_key_source) {
         ("set", Some(source)) => format!("API key from {source}"),
         ("not_needed", _) => "no API key".to_string(),

@@ -150,6 +150,12 @@ pub fn totals(conn: &Connection) -> rusqlite::Result<Totals> {
     })
 }
 
+/// A value from the `kv` table.
+pub fn kv_get(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
 /// Wake events not yet consumed by the agent.
 pub fn pending_wake_events(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row(
