@@ -119,6 +119,8 @@ pub struct World {
     peers: Arc<Peers>,
     lab_json: LabJson,
     servers: CancellationToken,
+    /// The control server, model server and tip follower; awaited on shutdown so nothing holds the chain after.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stopped: AtomicBool,
     /// Set for `start_temp`: the directory is removed when the world is dropped.
     temp: Mutex<Option<tempfile::TempDir>>,
@@ -174,13 +176,14 @@ impl World {
         }
         let esplora_listener = bind_tcp(&mut state, "esplora").await?;
         let control_listener = bind_tcp(&mut state, "control").await?;
+        let model_listener = bind_tcp(&mut state, "model").await?;
         let hub_port = free_port(&mut state, "hub")?;
         let creator_port = free_port(&mut state, "creator")?;
         let merchant_port = free_port(&mut state, "merchant")?;
         state.save(&dir)?;
 
         progress("starting the chain");
-        let chain = Chain::start(&dir.join("chain"), esplora_listener).await?;
+        let chain = start_chain(&dir.join("chain"), esplora_listener).await?;
         let esplora_url = chain.esplora_url();
         let tip = chain.tip_height();
         if tip < INITIAL_HEIGHT {
@@ -209,8 +212,17 @@ impl World {
                 peers: Arc::clone(&peers),
                 chain_height: Arc::new(move || height_chain.tip_height()),
             }));
-        serve(control_listener, control, servers.clone(), "control");
-        let model_url = None;
+        let mut tasks = vec![
+            serve(control_listener, control, servers.clone(), "control"),
+            follow_tip(chain.clone(), Arc::clone(&peers), servers.clone()),
+        ];
+        let model_url = Some(format!("http://{}/v1", model_listener.local_addr()?));
+        tasks.push(serve(
+            model_listener,
+            crate::model::router(),
+            servers.clone(),
+            "model",
+        ));
 
         let world = World {
             dir: dir.clone(),
@@ -230,6 +242,7 @@ impl World {
                 extra: serde_json::Map::new(),
             },
             servers,
+            tasks: Mutex::new(tasks),
             stopped: AtomicBool::new(false),
             temp: Mutex::new(None),
         };
@@ -375,6 +388,21 @@ impl World {
             return;
         }
         self.servers.cancel();
+        let tasks = self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for task in tasks {
+            // A request in flight (a payment waits up to 45 s) must not hold the shutdown up.
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
         self.peers.stop().await;
         self.chain.shutdown().await;
     }
@@ -423,6 +451,11 @@ impl World {
 impl Drop for World {
     fn drop(&mut self) {
         self.servers.cancel();
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for task in tasks.drain(..) {
+                task.abort();
+            }
+        }
         if !self.stopped.swap(true, Ordering::SeqCst) {
             // The control server's router holds the peers too, so stop them here rather than wait for the last
             // reference to go.
@@ -454,8 +487,13 @@ pub fn shared() -> &'static World {
             let world = runtime
                 .block_on(World::start_temp())
                 .expect("the shared lab world failed to start");
-            if let Ok(slot) = world.temp.lock() {
-                if let Some(temp) = slot.as_ref() {
+            if let Ok(mut slot) = world.temp.lock() {
+                // AUTOMATON_LAB_KEEP=1 keeps the directory (logs, node storage) for a post-mortem.
+                if std::env::var_os("AUTOMATON_LAB_KEEP").is_some() {
+                    if let Some(temp) = slot.take() {
+                        eprintln!("lab world kept in {}", temp.keep().display());
+                    }
+                } else if let Some(temp) = slot.as_ref() {
                     remove_at_exit(temp.path());
                 }
             }
@@ -557,7 +595,12 @@ fn init_file_logging(dir: &Path) {
         .try_init();
 }
 
-fn serve(listener: TcpListener, app: axum::Router, cancel: CancellationToken, name: &'static str) {
+fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    cancel: CancellationToken,
+    name: &'static str,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(cancel.cancelled_owned())
@@ -565,7 +608,62 @@ fn serve(listener: TcpListener, app: axum::Router, cancel: CancellationToken, na
         if let Err(e) = served {
             tracing::error!(server = name, error = %e, "server stopped");
         }
-    });
+    })
+}
+
+/// Opens the chain. A world of this process that is still shutting down may hold the kernel's chainstate for a
+/// moment (its Esplora server drains connections), so opening is retried briefly.
+async fn start_chain(dir: &Path, listener: TcpListener) -> anyhow::Result<Chain> {
+    let std_listener = listener.into_std()?;
+    let started = Instant::now();
+    loop {
+        let listener = TcpListener::from_std(std_listener.try_clone()?)?;
+        match Chain::start(dir, listener).await {
+            Ok(chain) => return Ok(chain),
+            Err(e) if started.elapsed() < Duration::from_secs(5) => {
+                tracing::debug!(error = %e, "chain not ready to open yet; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Re-syncs the peers whenever the chain tip moves. Background sync runs only every 10 s; a peer that lags after
+/// a burst of mined blocks would put stale CLTV expiries on its HTLCs, and the hub force-closes a channel whose
+/// HTLC it sees expire.
+fn follow_tip(
+    chain: Chain,
+    peers: Arc<Peers>,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut seen = chain.tip_height();
+        let mut interval = tokio::time::interval(Duration::from_millis(200));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = interval.tick() => {}
+            }
+            let tip = chain.tip_height();
+            if tip == seen {
+                continue;
+            }
+            seen = tip;
+            let started = Instant::now();
+            match peers.sync_all().await {
+                Ok(()) => tracing::debug!(
+                    tip,
+                    ms = started.elapsed().as_millis() as u64,
+                    "peers synced"
+                ),
+                Err(e) => {
+                    tracing::warn!(tip, error = %e, "syncing the peers to the new tip failed")
+                }
+            }
+        }
+    })
 }
 
 /// Binds a loopback listener on the port this lab used before, or a random one.

@@ -93,6 +93,17 @@ impl IntoResponse for PeerError {
     }
 }
 
+impl ControlState {
+    /// Syncs `node` first if it is behind the chain: an HTLC sent from a stale height carries a CLTV expiry the
+    /// next hop may already consider expired.
+    async fn fresh(&self, node: &super::LabNode) -> Result<(), PeerError> {
+        if node.node().status().current_best_block.height < (self.chain_height)() {
+            node.sync().await?;
+        }
+        Ok(())
+    }
+}
+
 /// A JSON body, or a JSON `{error}` 400 naming what was wrong with it.
 fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, PeerError> {
     payload
@@ -115,6 +126,7 @@ async fn pay(
 ) -> Result<Json<creator::PaymentOutcome>, PeerError> {
     let req = body(payload)?;
     let invoice = creator::parse_invoice(&req.bolt11)?;
+    state.fresh(&state.peers.creator).await?;
     Ok(Json(
         creator::pay_bolt11(&state.peers.creator, invoice, req.amount_msat).await?,
     ))
@@ -132,6 +144,7 @@ async fn keysend(
     payload: Result<Json<KeysendRequest>, JsonRejection>,
 ) -> Result<Json<creator::PaymentOutcome>, PeerError> {
     let req = body(payload)?;
+    state.fresh(&state.peers.creator).await?;
     Ok(Json(
         creator::keysend(&state.peers.creator, &req.node_id, req.sats).await?,
     ))
@@ -151,6 +164,7 @@ async fn pay_lnurl(
     payload: Result<Json<PayLnurlRequest>, JsonRejection>,
 ) -> Result<Json<creator::PaymentOutcome>, PeerError> {
     let req = body(payload)?;
+    state.fresh(&state.peers.creator).await?;
     let peers = &state.peers;
     Ok(Json(
         creator::pay_lnurl(
@@ -169,7 +183,10 @@ async fn pay_lnurl(
 struct InvoiceRequest {
     msat: u64,
     #[serde(default)]
-    memo: String,
+    memo: Option<String>,
+    /// Hex SHA-256 the invoice commits to instead of a memo (LNURL-pay metadata hash).
+    #[serde(default)]
+    description_hash: Option<String>,
     #[serde(default)]
     expiry_secs: Option<u32>,
 }
@@ -179,9 +196,27 @@ async fn create_invoice(
     payload: Result<Json<InvoiceRequest>, JsonRejection>,
 ) -> Result<Json<merchant::CreatedInvoice>, PeerError> {
     let req = body(payload)?;
+    let description = match (req.memo, req.description_hash) {
+        (Some(_), Some(_)) => {
+            return Err(PeerError::BadRequest(
+                "give memo or description_hash, not both".into(),
+            ));
+        }
+        (memo, None) => merchant::InvoiceDescription::Memo(memo.unwrap_or_default()),
+        (None, Some(hash)) => {
+            let hash: [u8; 32] = hex::decode(hash.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| {
+                    PeerError::BadRequest("description_hash must be 64 hex characters".into())
+                })?;
+            merchant::InvoiceDescription::Hash(hash)
+        }
+    };
+    let merchant = &state.peers.merchant;
+    state.fresh(merchant).await?;
     Ok(Json(
-        merchant::create_invoice(&state.peers.merchant, req.msat, &req.memo, req.expiry_secs)
-            .await?,
+        merchant::create_invoice(merchant, req.msat, description, req.expiry_secs).await?,
     ))
 }
 

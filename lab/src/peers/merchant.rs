@@ -1,7 +1,8 @@
 //! The merchant: sells lab services. Creates invoices and reports whether they were paid.
 
+use ldk_node::bitcoin::hashes::{sha256, Hash};
 use ldk_node::lightning::ln::channelmanager::PaymentId;
-use ldk_node::lightning_invoice::{Bolt11InvoiceDescription, Description};
+use ldk_node::lightning_invoice::{Bolt11InvoiceDescription, Description, Sha256};
 use ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus};
 use serde::Serialize;
 
@@ -29,10 +30,18 @@ pub struct InvoiceStatus {
     pub preimage: Option<String>,
 }
 
+/// What an invoice commits to: a memo shown to the payer, or the SHA-256 of a longer description (LNURL-pay
+/// metadata, LUD-06).
+#[derive(Debug, Clone)]
+pub enum InvoiceDescription {
+    Memo(String),
+    Hash([u8; 32]),
+}
+
 pub async fn create_invoice(
     merchant: &LabNode,
     msat: u64,
-    memo: &str,
+    description: InvoiceDescription,
     expiry_secs: Option<u32>,
 ) -> Result<CreatedInvoice, PeerError> {
     if msat == 0 {
@@ -42,10 +51,16 @@ pub async fn create_invoice(
     if expiry == 0 {
         return Err(PeerError::BadRequest("expiry_secs must be positive".into()));
     }
-    let description = Description::new(memo.to_string()).map_err(|e| {
-        PeerError::BadRequest(format!("memo is not a valid invoice description: {e}"))
-    })?;
-    let description = Bolt11InvoiceDescription::Direct(description);
+    let description = match description {
+        InvoiceDescription::Memo(memo) => {
+            Bolt11InvoiceDescription::Direct(Description::new(memo).map_err(|e| {
+                PeerError::BadRequest(format!("memo is not a valid invoice description: {e}"))
+            })?)
+        }
+        InvoiceDescription::Hash(hash) => {
+            Bolt11InvoiceDescription::Hash(Sha256(sha256::Hash::from_byte_array(hash)))
+        }
+    };
     let invoice = merchant
         .call("bolt11 receive", move |n| {
             n.bolt11_payment().receive(msat, &description, expiry)
