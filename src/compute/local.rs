@@ -297,17 +297,9 @@ impl ComputeProvider for LocalCompute {
 mod tests {
     use super::*;
 
-    fn compute(dir: &Path) -> LocalCompute {
-        LocalCompute::new(dir.to_path_buf(), &["MY_API_VAR".to_string()]).expect("compute")
-    }
-
-    fn req(command: &str, timeout: Duration) -> ExecRequest {
-        ExecRequest {
-            command: command.into(),
-            timeout,
-            output_cap: 1024,
-        }
-    }
+    crate::compute::compute_conformance!(|dir: &Path| {
+        LocalCompute::new(dir.to_path_buf(), &[]).expect("local compute")
+    });
 
     #[test]
     fn secret_names() {
@@ -329,73 +321,51 @@ mod tests {
         assert!(!is_secret_var("HOME", &[]));
     }
 
-    #[tokio::test]
-    async fn runs_in_workdir_and_reports_exit_codes() {
+    #[test]
+    fn the_environment_is_scrubbed_at_construction() {
         let dir = tempfile::tempdir().expect("tmp");
-        let c = compute(dir.path());
-        let out = c
-            .exec(req("pwd; echo oops >&2; exit 3", Duration::from_secs(10)))
-            .await
-            .expect("exec");
-        assert_eq!(out.exit_code, Some(3));
-        assert_eq!(
-            Path::new(out.stdout.trim()).canonicalize().expect("canon"),
-            dir.path().canonicalize().expect("canon")
-        );
-        assert_eq!(out.stderr.trim(), "oops");
-        assert!(!out.timed_out);
-    }
-
-    #[tokio::test]
-    async fn output_is_capped_and_drained() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let c = compute(dir.path());
-        let out = c
-            .exec(req(
-                "head -c 100000 /dev/zero | tr '\\0' a",
-                Duration::from_secs(10),
-            ))
-            .await
-            .expect("exec");
-        assert_eq!(out.exit_code, Some(0));
-        assert!(out.stdout_truncated);
-        assert!(out.stdout.starts_with(&"a".repeat(512)));
-        assert!(out.stdout.ends_with(&"a".repeat(512)));
+        let c =
+            LocalCompute::new(dir.path().to_path_buf(), &["PATH".to_string()]).expect("compute");
+        let names: Vec<String> = c
+            .environment()
+            .iter()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
         assert!(
-            out.stdout.contains("[… 98976 bytes cut …]"),
-            "{}",
-            &out.stdout[500..560]
+            !names.iter().any(|n| n == "PATH"),
+            "the configured key variable is dropped"
         );
-        let out = c
-            .exec(req("echo start; head -c 5000 /dev/zero | tr '\\0' x; echo; echo the error at the end >&1", Duration::from_secs(10)))
-            .await
-            .expect("exec");
-        assert!(out.stdout.starts_with("start\n"));
-        assert!(out.stdout.ends_with("the error at the end\n"));
+        assert!(!names.iter().any(|n| is_secret_var(n, &[])));
     }
 
     #[tokio::test]
-    async fn files_round_trip_and_symlinks_are_not_followed_on_write() {
+    async fn writes_do_not_follow_a_symlink_at_the_target() {
         let dir = tempfile::tempdir().expect("tmp");
-        let c = compute(dir.path());
-        let path = dir.path().join("a/b/note.txt");
-        c.write_file(&path, b"hello").await.expect("write");
-        let got = c.read_file(&path, 3).await.expect("read");
-        assert_eq!(got.bytes, b"hel");
-        assert_eq!(got.size, 5);
-        assert!(matches!(
-            c.read_file(&dir.path().join("missing"), 10).await,
-            Err(ComputeError::NotFound { .. })
-        ));
-        assert!(matches!(
-            c.read_file(dir.path(), 10).await,
-            Err(ComputeError::IsDirectory { .. })
-        ));
+        let c = LocalCompute::new(dir.path().to_path_buf(), &[]).expect("compute");
         let target = dir.path().join("target");
         std::fs::write(&target, "keep").expect("write");
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&target, &link).expect("symlink");
-        assert!(c.write_file(&link, b"changed").await.is_err());
+        assert!(matches!(
+            c.write_file(&link, b"changed").await,
+            Err(ComputeError::PermissionDenied { .. })
+        ));
         assert_eq!(std::fs::read_to_string(&target).expect("read"), "keep");
+    }
+
+    #[tokio::test]
+    async fn exposing_a_port_needs_a_listener() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = LocalCompute::new(dir.path().to_path_buf(), &[]).expect("compute");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        assert_eq!(
+            c.expose_port(port).await.expect("url"),
+            format!("http://127.0.0.1:{port}")
+        );
+        drop(listener);
+        assert!(matches!(c.expose_port(port).await, Err(ComputeError::PortClosed(p)) if p == port));
     }
 }

@@ -175,3 +175,137 @@ pub fn provider_from_config(
         other => Err(ComputeError::UnknownProvider(other.to_string())),
     }
 }
+
+/// The behaviour every compute backend must show, as a test module. Instantiate it in a backend's tests with
+/// `crate::compute::compute_conformance!(|workdir: &std::path::Path| -> Backend { … })`; the tests only use paths
+/// under the provider's own `workdir()` and check effects through the provider itself, so remote backends can run
+/// the same suite.
+#[cfg(test)]
+macro_rules! compute_conformance {
+    ($make:expr) => {
+        mod conformance {
+            use std::time::Duration;
+
+            // The backend's constructor expression is written in the caller's scope.
+            #[allow(unused_imports)]
+            use super::*;
+
+            use $crate::compute::{ComputeError, ComputeProvider, ExecRequest};
+
+            fn provider(dir: &std::path::Path) -> impl ComputeProvider {
+                let make = $make;
+                make(dir)
+            }
+
+            fn req(command: &str, timeout_secs: u64, output_cap: usize) -> ExecRequest {
+                ExecRequest {
+                    command: command.into(),
+                    timeout: Duration::from_secs(timeout_secs),
+                    output_cap,
+                }
+            }
+
+            #[tokio::test]
+            async fn exec_reports_exit_code_streams_and_workdir() {
+                let dir = tempfile::tempdir().expect("tmp");
+                let c = provider(dir.path());
+                let out = c
+                    .exec(req("pwd; echo oops >&2; exit 3", 30, 4096))
+                    .await
+                    .expect("exec");
+                assert_eq!(out.exit_code, Some(3));
+                assert_eq!(out.stderr.trim(), "oops");
+                assert!(!out.timed_out);
+                let pwd = c.exec(req("pwd -P", 30, 4096)).await.expect("exec").stdout;
+                let workdir = c
+                    .exec(req(
+                        &format!("cd '{}' && pwd -P", c.workdir().display()),
+                        30,
+                        4096,
+                    ))
+                    .await
+                    .expect("exec")
+                    .stdout;
+                assert_eq!(pwd, workdir);
+            }
+
+            #[tokio::test]
+            async fn exec_timeout_kills_everything_the_command_started() {
+                let dir = tempfile::tempdir().expect("tmp");
+                let c = provider(dir.path());
+                let out = c
+                    .exec(req("sleep 60 & echo $! > bg.pid; sleep 60", 1, 4096))
+                    .await
+                    .expect("exec");
+                assert!(out.timed_out);
+                assert_eq!(out.exit_code, None);
+                let mut dead = false;
+                for _ in 0..50 {
+                    let probe = c
+                        .exec(req(
+                            "kill -0 $(cat bg.pid) 2>/dev/null && echo alive || echo dead",
+                            30,
+                            4096,
+                        ))
+                        .await
+                        .expect("probe");
+                    if probe.stdout.trim() == "dead" {
+                        dead = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                assert!(dead, "the background child outlived the timeout");
+            }
+
+            #[tokio::test]
+            async fn exec_output_keeps_head_and_tail_within_the_cap() {
+                let dir = tempfile::tempdir().expect("tmp");
+                let c = provider(dir.path());
+                let out = c
+                    .exec(req(
+                        "echo start; head -c 100000 /dev/zero | tr '\\0' a; echo; echo the end",
+                        30,
+                        1024,
+                    ))
+                    .await
+                    .expect("exec");
+                assert_eq!(out.exit_code, Some(0));
+                assert!(out.stdout_truncated);
+                assert!(out.stdout.starts_with("start\naaa"));
+                assert!(out.stdout.ends_with("aaa\nthe end\n"));
+                assert!(out.stdout.contains("bytes cut"));
+                assert!(out.stdout.len() < 1100);
+            }
+
+            #[tokio::test]
+            async fn files_round_trip_with_clear_errors() {
+                let dir = tempfile::tempdir().expect("tmp");
+                let c = provider(dir.path());
+                let path = c.workdir().join("a/b/note.txt");
+                c.write_file(&path, b"hello").await.expect("write");
+                let head = c.read_file(&path, 3).await.expect("read");
+                assert_eq!(head.bytes, b"hel");
+                assert_eq!(head.size, 5);
+                c.write_file(&path, b"hi").await.expect("overwrite");
+                assert_eq!(c.read_file(&path, 100).await.expect("read").bytes, b"hi");
+                let seen = c
+                    .exec(req("cat a/b/note.txt", 30, 4096))
+                    .await
+                    .expect("exec");
+                assert_eq!(seen.stdout, "hi");
+                assert!(matches!(
+                    c.read_file(&c.workdir().join("missing"), 10).await,
+                    Err(ComputeError::NotFound { .. })
+                ));
+                assert!(matches!(
+                    c.read_file(c.workdir(), 10).await,
+                    Err(ComputeError::IsDirectory { .. })
+                ));
+            }
+        }
+    };
+}
+
+#[cfg(test)]
+pub(crate) use compute_conformance;
