@@ -223,6 +223,7 @@ fn ctrl_c_cancels_without_writing() {
     answer(&mut s, "Agent name", "quitter");
     s.expect("Genesis prompt").unwrap();
     s.send("\x03").unwrap();
+    s.expect("setup cancelled; nothing was written").unwrap();
     let code = exit_code(&mut s);
     assert!(!code.ends_with(", 0)"), "{code}");
     assert!(!home.join("automaton.yaml").exists());

@@ -27,6 +27,7 @@ pub fn run(home: &Home, mut config: Config, existing: bool) -> anyhow::Result<An
              `automaton setup --yes --name NAME --inference-url URL --model MODEL [--api-key-env VAR]`"
         );
     }
+    let _interrupt = InterruptGuard::install();
     let theme = ColorfulTheme::default();
     let home_shown = home.root().display();
     if existing {
@@ -183,6 +184,54 @@ pub fn run(home: &Home, mut config: Config, existing: bool) -> anyhow::Result<An
         bail!("setup cancelled; nothing was written");
     }
     Ok(Answers { config, genesis })
+}
+
+/// While the wizard asks, Ctrl-C ends setup with a clear word and the cursor restored (a `Select` hides it);
+/// nothing has been written yet. Once answers are being written, Ctrl-C waits for the write to finish.
+struct InterruptGuard;
+
+static ASKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl InterruptGuard {
+    fn install() -> InterruptGuard {
+        use std::sync::atomic::Ordering;
+        static INSTALLED: std::sync::Once = std::sync::Once::new();
+        ASKING.store(true, Ordering::SeqCst);
+        INSTALLED.call_once(|| {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                runtime.block_on(async move {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    // Registered before the first question is shown, so an early Ctrl-C is caught too.
+                    let Ok(mut interrupt) = signal(SignalKind::interrupt()) else {
+                        return;
+                    };
+                    let _ = ready_tx.send(());
+                    while interrupt.recv().await.is_some() {
+                        if ASKING.load(Ordering::SeqCst) {
+                            let _ = console::Term::stderr().show_cursor();
+                            eprintln!("\nsetup cancelled; nothing was written");
+                            std::process::exit(130);
+                        }
+                    }
+                });
+            });
+            let _ = ready_rx.recv_timeout(std::time::Duration::from_secs(5));
+        });
+        InterruptGuard
+    }
+}
+
+impl Drop for InterruptGuard {
+    fn drop(&mut self) {
+        ASKING.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Asks each declared key, defaulting to the current value (or the backend's default after a switch).
