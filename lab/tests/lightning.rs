@@ -223,6 +223,43 @@ async fn agent_gets_a_jit_channel_pays_the_merchant_and_force_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn lsps2_terms_cover_payments_from_2k_to_5m_sats() {
+    let world = world::shared();
+    let control = Control::new(world);
+    let description = Bolt11InvoiceDescription::Direct(Description::new("terms".into()).unwrap());
+
+    // The smallest payment the hub accepts still opens a channel that works: 500 sats fee, 1,500 forwarded.
+    let small = Agent::start(world);
+    small.sync();
+    assert_eq!(
+        fund_via_jit_channel(&control, &small, 2_000_000).await,
+        1_500_000
+    );
+    assert_eq!(small.node.list_channels()[0].channel_value_sats, 4_500);
+
+    // The largest: 1% fee, a 14,850,000-sat channel (under the non-wumbo limit).
+    let large = Agent::start(world);
+    large.sync();
+    assert_eq!(
+        fund_via_jit_channel(&control, &large, 5_000_000_000).await,
+        4_950_000_000
+    );
+    assert_eq!(large.node.list_channels()[0].channel_value_sats, 14_850_000);
+
+    // Outside the terms the LSP refuses up front.
+    let outside = Agent::start(world);
+    outside.sync();
+    for msat in [1_999_000, 5_000_001_000] {
+        let refused =
+            outside
+                .node
+                .bolt11_payment()
+                .receive_via_jit_channel(msat, &description, 3600, None);
+        assert!(refused.is_err(), "{msat} msat was accepted");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_force_close_sweep_waits_for_to_self_delay() {
     let world = world::shared();
     let control = Control::new(world);

@@ -86,6 +86,16 @@ impl LabNode {
             path: spec.storage_dir.clone(),
             source,
         })?;
+        // The storage holds the seed and channel state: owner only.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&spec.storage_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|source| PeerError::Io {
+                    path: spec.storage_dir.clone(),
+                    source,
+                })?;
+        }
         if let Some(parent) = spec.log_file.parent() {
             std::fs::create_dir_all(parent).map_err(|source| PeerError::Io {
                 path: parent.to_path_buf(),
