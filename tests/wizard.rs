@@ -150,7 +150,8 @@ fn reconfigure_offers_current_values_and_switching_backend_offers_its_defaults()
     answer(&mut s, "Inference backend", DOWN);
     answer(&mut s, "endpoint", "");
     answer(&mut s, "Model", "");
-    answer(&mut s, "API key", "");
+    // The Anthropic default key variable is offered; "-" clears it.
+    answer(&mut s, "API key", "-");
     answer(&mut s, "Compute", "");
     answer(&mut s, "Working directory", "");
     answer(&mut s, "timeout", "");
@@ -177,6 +178,7 @@ fn reconfigure_offers_current_values_and_switching_backend_offers_its_defaults()
         .unwrap();
     assert_eq!(config["inference"]["base_url"], anthropic.default_base_url);
     assert_eq!(config["inference"]["model"], anthropic.default_model);
+    assert!(config["inference"].get("api_key_env").is_none());
     assert_eq!(
         std::fs::read_to_string(home.join("genesis/prompt.md")).unwrap(),
         "Keep this purpose.\n"
@@ -195,7 +197,10 @@ fn declining_at_the_end_writes_nothing() {
     answer(&mut s, "Inference backend", "");
     answer(&mut s, "endpoint", "http://127.0.0.1:9/v1");
     answer(&mut s, "Model", "");
-    answer(&mut s, "API key", "");
+    // A model server on this machine: no key is offered by default.
+    s.expect("API key").unwrap();
+    s.expect("(empty for none)").unwrap();
+    s.send(ENTER).unwrap();
     answer(&mut s, "Compute", "");
     answer(&mut s, "Working directory", "");
     answer(&mut s, "timeout", "");
@@ -207,6 +212,7 @@ fn declining_at_the_end_writes_nothing() {
     ] {
         answer(&mut s, prompt, "");
     }
+    s.expect("no API key").unwrap();
     s.expect("Write this agent to").unwrap();
     s.send("n").unwrap();
     s.expect("nothing was written").unwrap();

@@ -31,12 +31,12 @@ pub fn run(home: &Home, mut config: Config, existing: bool) -> anyhow::Result<An
     let theme = ColorfulTheme::default();
     let home_shown = home.root().display();
     if existing {
-        eprintln!("Reconfiguring the agent in {home_shown}. Enter keeps the current value.\n");
+        eprintln!("Reconfiguring the agent in {home_shown}. Enter keeps the current value; - empties it.\n");
     } else {
         eprintln!(
             "Setting up a new automaton in {home_shown}.\n\
              It will think with a model you choose, act on this machine, and live on its own Lightning wallet.\n\
-             Enter accepts the value in brackets.\n"
+             Enter accepts the value in parentheses; - leaves a setting empty.\n"
         );
     }
 
@@ -251,11 +251,18 @@ fn ask_keys(
             continue;
         }
         let current = current_value(&config, key.name);
-        let default = if switched || current.is_empty() {
+        let mut default = if switched || current.is_empty() {
             key.default.map(str::to_string).unwrap_or(current)
         } else {
             current
         };
+        // A model server on this machine (ollama, llama.cpp, the lab) normally wants no key at all.
+        if key.name == "inference.api_key_env"
+            && (switched || config.inference.api_key_env.is_none())
+            && is_loopback(&config.inference.base_url)
+        {
+            default.clear();
+        }
         let base = config.clone();
         let mut input = Input::<String>::with_theme(theme)
             .with_prompt(key.prompt)
@@ -264,10 +271,10 @@ fn ask_keys(
             input = input.default(default);
         }
         let answer = input
-            .validate_with(|s: &String| check_key(&base, key.name, s.trim()).map(|_| ()))
+            .validate_with(|s: &String| check_key(&base, key.name, emptied(s)).map(|_| ()))
             .interact_text()
             .map_err(cancelled)?;
-        config = check_key(&config, key.name, answer.trim()).map_err(|e| anyhow::anyhow!(e))?;
+        config = check_key(&config, key.name, emptied(&answer)).map_err(|e| anyhow::anyhow!(e))?;
     }
     Ok(config)
 }
@@ -284,6 +291,29 @@ fn check_key(config: &Config, key: &str, answer: &str) -> Result<Config, String>
         Some((_, reason)) => Err(reason),
         None => Ok(updated),
     }
+}
+
+/// `-` is how a person clears a setting that has a default (Enter would keep the default).
+fn emptied(answer: &str) -> &str {
+    match answer.trim() {
+        "-" => "",
+        other => other,
+    }
+}
+
+fn is_loopback(url: &str) -> bool {
+    let Some(host) = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+    else {
+        return false;
+    };
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn current_value(config: &Config, key: &str) -> String {
@@ -382,6 +412,16 @@ mod tests {
         assert!(err.contains("compute.exec_timeout_secs"), "{err}");
         let updated = check_key(&config, "inference.api_key_env", "").unwrap();
         assert_eq!(updated.inference.api_key_env, None);
+    }
+
+    #[test]
+    fn loopback_and_dash() {
+        assert!(is_loopback("http://127.0.0.1:11434/v1"));
+        assert!(is_loopback("http://localhost:8080/v1"));
+        assert!(is_loopback("http://[::1]:8080/v1"));
+        assert!(!is_loopback("https://api.openai.com/v1"));
+        assert_eq!(emptied(" - "), "");
+        assert_eq!(emptied("X"), "X");
     }
 
     #[test]
