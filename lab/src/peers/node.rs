@@ -385,7 +385,11 @@ async fn event_loop(
                     );
                 }
             }
-            Event::ChannelPending { funding_txo, .. } if role == Role::Hub => {
+            Event::ChannelPending {
+                funding_txo,
+                channel_id,
+                ..
+            } if role == Role::Hub && funded_by_us(&node, channel_id) => {
                 // The hub funds JIT channels from its on-chain wallet. BDK does not mark coins spent by a funding
                 // transaction until it sees it on chain, so wait until the broadcast reached the mempool and re-sync:
                 // otherwise two JIT opens in a row could pick the same coins and the second would be a double spend.
@@ -408,6 +412,13 @@ async fn event_loop(
             tracing::warn!(role = role.name(), error = %e, "could not mark event handled");
         }
     }
+}
+
+/// Whether this node funded the channel (only then did its on-chain coins move).
+fn funded_by_us(node: &Node, channel_id: &ldk_node::lightning::ln::types::ChannelId) -> bool {
+    node.list_channels()
+        .iter()
+        .any(|c| &c.channel_id == channel_id && c.is_outbound)
 }
 
 /// A one-line description of an event that never includes a preimage.
