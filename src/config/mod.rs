@@ -254,13 +254,24 @@ impl Default for WalletConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The Lightning service provider the wallet opens its channel through. `Debug` hides the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LspConfig {
     pub node_id: String,
     pub address: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+}
+
+impl fmt::Debug for LspConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LspConfig")
+            .field("node_id", &self.node_id)
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
 }
 
 /// The agent's HTTP face.
@@ -1034,6 +1045,19 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let key = config.inference_api_key().unwrap().unwrap();
         assert_eq!(key.expose(), "sk-test");
+    }
+
+    #[test]
+    fn lsp_token_is_not_in_debug_output() {
+        let mut config = Config::default();
+        config.wallet.lsp = Some(LspConfig {
+            node_id: format!("02{}", "a".repeat(64)),
+            address: "127.0.0.1:9735".into(),
+            token: Some("lsp-secret-token".into()),
+        });
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("lsp-secret-token"), "{debug}");
+        assert!(debug.contains("[redacted]"));
     }
 
     #[test]
