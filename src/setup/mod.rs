@@ -163,7 +163,9 @@ pub fn run(home: &Home, request: &SetupRequest) -> anyhow::Result<SetupOutcome> 
     pick_http_port(&mut config)?;
     let mut resolved = config.clone();
     resolved.resolve_paths(home);
-    resolved.validate(&home.config_path().display().to_string())?;
+    resolved
+        .validate("setup")
+        .map_err(|err| anyhow::anyhow!("{err}; nothing was written"))?;
     let warnings = check_secrets(&resolved)?;
 
     write_home(home, &config, genesis.as_deref(), existing)?;
