@@ -224,7 +224,8 @@ impl World {
             "model",
         ));
 
-        let world = World {
+        // From here on a failure still stops what was started (World's drop).
+        let mut world = World {
             dir: dir.clone(),
             chain,
             peers,
@@ -246,8 +247,6 @@ impl World {
             stopped: AtomicBool::new(false),
             temp: Mutex::new(None),
         };
-        // From here on a failure still stops what was started (World's drop).
-        let mut world = world;
         world.bring_up(progress).await?;
         world.lab_json.lsp = world.peers.lsp();
         world.lab_json.nodes = world
