@@ -259,6 +259,65 @@ async fn lsps2_terms_cover_payments_from_2k_to_5m_sats() {
     }
 }
 
+/// JIT opens at the same moment each get their own coins from the hub: every funding transaction confirms.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_jit_opens_all_confirm() {
+    let world = world::shared();
+    let control = Control::new(world);
+    let _chain = CHAIN_LOCK.lock().await;
+    let description = Bolt11InvoiceDescription::Direct(Description::new("at once".into()).unwrap());
+    let agents: Vec<Agent> = (0..4)
+        .map(|_| {
+            let agent = Agent::start(world);
+            agent.sync();
+            agent
+        })
+        .collect();
+    let payments: Vec<_> = agents
+        .iter()
+        .map(|agent| {
+            let invoice = agent
+                .node
+                .bolt11_payment()
+                .receive_via_jit_channel(30_000_000, &description, 3600, None)
+                .expect("JIT invoice")
+                .to_string();
+            let url = format!("{}/lab/creator/pay", world.control_url());
+            tokio::spawn(async move {
+                let resp = reqwest::Client::new()
+                    .post(url)
+                    .json(&json!({ "bolt11": invoice }))
+                    .send()
+                    .await
+                    .expect("pay");
+                (
+                    resp.status().as_u16(),
+                    resp.text().await.unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    for payment in payments {
+        let (status, body) = payment.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    control.mine(6).await;
+    let mut fundings = Vec::new();
+    for agent in &agents {
+        agent.sync();
+        let channel = agent.node.list_channels().remove(0);
+        assert_eq!(
+            channel.confirmations,
+            Some(6),
+            "a JIT funding did not confirm"
+        );
+        fundings.push(channel.funding_txo.unwrap().txid);
+    }
+    fundings.sort();
+    fundings.dedup();
+    assert_eq!(fundings.len(), agents.len());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_force_close_sweep_waits_for_to_self_delay() {
     let world = world::shared();
