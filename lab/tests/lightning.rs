@@ -850,13 +850,25 @@ async fn up_writes_lab_json_and_stops_on_sigterm() {
     }
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("lab.json"), "{stale").unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_automaton-lab"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_automaton-lab"));
+    command
         .args(["up", "--dir"])
         .arg(dir.path())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::null());
+    // Dies with the test process even if that is killed outright.
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and only affects the child being spawned.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    let child = command.spawn().unwrap();
     let mut child = KillOnDrop(child);
     let lab_json = dir.path().join("lab.json");
     let written = poll(Duration::from_secs(120), "lab.json from up", || async {
