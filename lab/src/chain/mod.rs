@@ -61,6 +61,7 @@ pub struct Chain {
     url: String,
     cancel: CancellationToken,
     faults: Arc<Mutex<Faults>>,
+    server: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 /// Fault injection for the Esplora face, to test how clients cope with a flaky chain source.
@@ -320,10 +321,11 @@ impl Chain {
             url,
             cancel: CancellationToken::new(),
             faults: Arc::new(Mutex::new(Faults::default())),
+            server: Arc::new(Mutex::new(None)),
         };
         let app = esplora::router(chain.clone());
         let cancel = chain.cancel.clone();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(cancel.cancelled_owned())
                 .await;
@@ -331,6 +333,7 @@ impl Chain {
                 tracing::error!("esplora server stopped: {e}");
             }
         });
+        *chain.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
         tracing::info!(url = %chain.url, height = chain.tip_height(), dir = %dir.display(), "lab chain serving");
         Ok(chain)
     }
@@ -487,8 +490,16 @@ impl Chain {
         control::router(self.clone())
     }
 
-    /// Stops the HTTP server. The kernel flushes its state when the last handle is dropped.
+    /// Stops the HTTP server and waits (up to 5 s, for clients holding keep-alive connections) until it has let go
+    /// of its handle. The kernel flushes its state when the last handle is dropped.
     pub async fn shutdown(&self) {
         self.cancel.cancel();
+        let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(server) = server {
+            let abort = server.abort_handle();
+            if tokio::time::timeout(std::time::Duration::from_secs(5), server).await.is_err() {
+                abort.abort();
+            }
+        }
     }
 }
