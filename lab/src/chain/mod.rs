@@ -497,7 +497,10 @@ impl Chain {
         let server = self.server.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(server) = server {
             let abort = server.abort_handle();
-            if tokio::time::timeout(std::time::Duration::from_secs(5), server).await.is_err() {
+            if tokio::time::timeout(std::time::Duration::from_secs(5), server)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }
