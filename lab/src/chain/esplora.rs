@@ -16,7 +16,7 @@ use bitcoin::merkle_tree::MerkleBlock;
 use bitcoin::{BlockHash, OutPoint, Transaction, Txid};
 use serde_json::{json, Value};
 
-use super::state::{ChainState, TxLocation};
+use super::state::{BlockRecord, ChainState, TxLocation};
 use super::{Chain, ChainError};
 
 /// Esplora pages: up to 50 mempool transactions, then 25 confirmed ones.
@@ -263,86 +263,83 @@ async fn block_at_height(
     Ok(text(hash.to_string()))
 }
 
+/// Runs `f` on a block the chain knows (best chain or stale), or answers 404.
+fn with_block<R>(
+    chain: &Chain,
+    hash: &str,
+    f: impl FnOnce(&ChainState, &BlockRecord) -> R,
+) -> Result<R, ApiError> {
+    let hash = parse_block_hash(hash)?;
+    let inner = chain.lock();
+    let record = inner
+        .state
+        .blocks
+        .get(&hash)
+        .ok_or_else(|| not_found("Block"))?;
+    Ok(f(&inner.state, record))
+}
+
+fn binary(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+}
+
 async fn block_info(
     State(chain): State<Chain>,
     Path(hash): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let hash = parse_block_hash(&hash)?;
-    let inner = chain.lock();
-    block_info_json(&inner.state, &hash)
-        .map(Json)
-        .ok_or_else(|| not_found("Block"))
+    with_block(&chain, &hash, |state, record| {
+        block_info_json(state, &record.block.block_hash())
+    })?
+    .map(Json)
+    .ok_or_else(|| not_found("Block"))
 }
 
 async fn block_header(
     State(chain): State<Chain>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
-    let hash = parse_block_hash(&hash)?;
-    let inner = chain.lock();
-    let record = inner
-        .state
-        .blocks
-        .get(&hash)
-        .ok_or_else(|| not_found("Block"))?;
-    Ok(text(serialize_hex(&record.block.header)))
+    with_block(&chain, &hash, |_, record| {
+        text(serialize_hex(&record.block.header))
+    })
 }
 
 async fn block_status(
     State(chain): State<Chain>,
     Path(hash): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let hash = parse_block_hash(&hash)?;
-    let inner = chain.lock();
-    let state = &inner.state;
-    let record = state.blocks.get(&hash).ok_or_else(|| not_found("Block"))?;
-    Ok(Json(if record.in_best {
-        let next = state
-            .best
-            .get(record.height as usize + 1)
-            .map(|h| h.to_string());
-        json!({"in_best_chain": true, "height": record.height, "next_best": next})
-    } else {
-        json!({"in_best_chain": false})
-    }))
+    with_block(&chain, &hash, |state, record| {
+        Json(if record.in_best {
+            let next = state
+                .best
+                .get(record.height as usize + 1)
+                .map(|h| h.to_string());
+            json!({"in_best_chain": true, "height": record.height, "next_best": next})
+        } else {
+            json!({"in_best_chain": false})
+        })
+    })
 }
 
 async fn block_raw(
     State(chain): State<Chain>,
     Path(hash): Path<String>,
 ) -> Result<Response, ApiError> {
-    let hash = parse_block_hash(&hash)?;
-    let inner = chain.lock();
-    let record = inner
-        .state
-        .blocks
-        .get(&hash)
-        .ok_or_else(|| not_found("Block"))?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        serialize(&record.block),
-    )
-        .into_response())
+    with_block(&chain, &hash, |_, record| binary(serialize(&record.block)))
 }
 
 async fn block_txids(
     State(chain): State<Chain>,
     Path(hash): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let hash = parse_block_hash(&hash)?;
-    let inner = chain.lock();
-    let record = inner
-        .state
-        .blocks
-        .get(&hash)
-        .ok_or_else(|| not_found("Block"))?;
-    let ids: Vec<String> = record
-        .block
-        .txdata
-        .iter()
-        .map(|t| t.compute_txid().to_string())
-        .collect();
-    Ok(Json(json!(ids)))
+    with_block(&chain, &hash, |_, record| {
+        let ids: Vec<String> = record
+            .block
+            .txdata
+            .iter()
+            .map(|t| t.compute_txid().to_string())
+            .collect();
+        Json(json!(ids))
+    })
 }
 
 fn parse_scripthash(text: &str) -> Result<[u8; 32], ApiError> {
@@ -454,56 +451,47 @@ async fn broadcast(State(chain): State<Chain>, body: Bytes) -> Result<Response, 
     }
 }
 
-async fn tx_json(
-    State(chain): State<Chain>,
-    Path(txid): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let txid = parse_txid(&txid)?;
+/// Runs `f` on a transaction of the best chain or the mempool, or answers 404.
+fn with_tx<R>(
+    chain: &Chain,
+    txid: &str,
+    f: impl FnOnce(&ChainState, Txid, &Transaction) -> R,
+) -> Result<R, ApiError> {
+    let txid = parse_txid(txid)?;
     let inner = chain.lock();
     let tx = inner
         .state
         .transaction(&txid)
         .ok_or_else(|| not_found("Transaction"))?;
-    Ok(Json(tx_to_json(&inner.state, tx)))
+    Ok(f(&inner.state, txid, tx))
+}
+
+async fn tx_json(
+    State(chain): State<Chain>,
+    Path(txid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    with_tx(&chain, &txid, |state, _, tx| Json(tx_to_json(state, tx)))
 }
 
 async fn tx_raw(
     State(chain): State<Chain>,
     Path(txid): Path<String>,
 ) -> Result<Response, ApiError> {
-    let txid = parse_txid(&txid)?;
-    let inner = chain.lock();
-    let tx = inner
-        .state
-        .transaction(&txid)
-        .ok_or_else(|| not_found("Transaction"))?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        serialize(tx),
-    )
-        .into_response())
+    with_tx(&chain, &txid, |_, _, tx| binary(serialize(tx)))
 }
 
 async fn tx_hex(
     State(chain): State<Chain>,
     Path(txid): Path<String>,
 ) -> Result<Response, ApiError> {
-    let txid = parse_txid(&txid)?;
-    let inner = chain.lock();
-    let tx = inner
-        .state
-        .transaction(&txid)
-        .ok_or_else(|| not_found("Transaction"))?;
-    Ok(text(serialize_hex(tx)))
+    with_tx(&chain, &txid, |_, _, tx| text(serialize_hex(tx)))
 }
 
 async fn tx_status(
     State(chain): State<Chain>,
     Path(txid): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let txid = parse_txid(&txid)?;
-    let inner = chain.lock();
-    status_json(&inner.state, &txid)
+    with_tx(&chain, &txid, |state, txid, _| status_json(state, &txid))?
         .map(Json)
         .ok_or_else(|| not_found("Transaction"))
 }
@@ -528,33 +516,24 @@ async fn tx_outspend(
     State(chain): State<Chain>,
     Path((txid, vout)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let txid = parse_txid(&txid)?;
     let vout: u32 = vout.parse().map_err(|_| bad("invalid vout"))?;
-    let inner = chain.lock();
-    let tx = inner
-        .state
-        .transaction(&txid)
-        .ok_or_else(|| not_found("Transaction"))?;
-    if vout as usize >= tx.output.len() {
-        return Err(not_found("Output"));
-    }
-    Ok(Json(outspend_json(&inner.state, &OutPoint { txid, vout })))
+    with_tx(&chain, &txid, |state, txid, tx| {
+        ((vout as usize) < tx.output.len())
+            .then(|| Json(outspend_json(state, &OutPoint { txid, vout })))
+    })?
+    .ok_or_else(|| not_found("Output"))
 }
 
 async fn tx_outspends(
     State(chain): State<Chain>,
     Path(txid): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let txid = parse_txid(&txid)?;
-    let inner = chain.lock();
-    let tx = inner
-        .state
-        .transaction(&txid)
-        .ok_or_else(|| not_found("Transaction"))?;
-    let list: Vec<Value> = (0..tx.output.len() as u32)
-        .map(|vout| outspend_json(&inner.state, &OutPoint { txid, vout }))
-        .collect();
-    Ok(Json(Value::Array(list)))
+    with_tx(&chain, &txid, |state, txid, tx| {
+        let list: Vec<Value> = (0..tx.output.len() as u32)
+            .map(|vout| outspend_json(state, &OutPoint { txid, vout }))
+            .collect();
+        Json(Value::Array(list))
+    })
 }
 
 async fn tx_merkleblock_proof(
