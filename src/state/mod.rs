@@ -10,7 +10,10 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 /// Migrations in order; entry `i` moves the schema from `user_version` `i` to `i + 1`. Never edit a shipped one.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_schedule.sql"),
+];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
