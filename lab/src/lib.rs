@@ -1,7 +1,8 @@
 //! The offline world for Automaton-LN: a regtest chain validated by Bitcoin Core's consensus engine, Lightning
-//! peers (hub/LSP, creator, merchant) on ldk-node, and a scripted OpenAI-compatible model.
+//! peers (hub/LSP, creator, merchant) on ldk-node, a scripted OpenAI-compatible model and a Nostr relay.
 
 pub mod chain;
 pub mod model;
 pub mod peers;
+pub mod relay;
 pub mod world;

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
 use crate::peers::{self, LabNode, LspInfo, Peers, PeersConfig};
+use crate::relay::Relay;
 
 /// Height the initial chain is mined to: coinbase maturity (100) plus enough mature coinbases for the faucet.
 pub const INITIAL_HEIGHT: u32 = 110;
@@ -41,6 +42,9 @@ pub struct LabJson {
     pub control_url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_url: Option<String>,
+    /// The lab's Nostr relay, `ws://127.0.0.1:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_url: Option<String>,
     pub lsp: LspInfo,
     pub nodes: BTreeMap<String, NodeInfo>,
     #[serde(flatten)]
@@ -117,6 +121,7 @@ pub struct World {
     dir: PathBuf,
     chain: Chain,
     peers: Arc<Peers>,
+    relay: Relay,
     lab_json: LabJson,
     servers: CancellationToken,
     /// The control server, model server and tip follower; awaited on shutdown so nothing holds the chain after.
@@ -177,6 +182,7 @@ impl World {
         let esplora_listener = bind_tcp(&mut state, "esplora").await?;
         let control_listener = bind_tcp(&mut state, "control").await?;
         let model_listener = bind_tcp(&mut state, "model").await?;
+        let relay_listener = bind_tcp(&mut state, "relay").await?;
         let hub_port = free_port(&mut state, "hub")?;
         let creator_port = free_port(&mut state, "creator")?;
         let merchant_port = free_port(&mut state, "merchant")?;
@@ -190,6 +196,9 @@ impl World {
             progress("mining the initial chain");
             chain.mine(INITIAL_HEIGHT - tip, None).await?;
         }
+
+        progress("starting the Nostr relay");
+        let relay = Relay::start(&dir.join("relay"), relay_listener).await?;
 
         progress("starting the Lightning peers");
         let peers = Peers::start(PeersConfig {
@@ -211,12 +220,14 @@ impl World {
             .merge(peers::router(peers::ControlState {
                 peers: Arc::clone(&peers),
                 chain_height: Arc::new(move || height_chain.tip_height()),
-            }));
+            }))
+            .merge(relay.control_router());
         let mut tasks = vec![
             serve(control_listener, control, servers.clone(), "control"),
             follow_tip(chain.clone(), Arc::clone(&peers), servers.clone()),
         ];
         let model_url = Some(format!("http://{}/v1", model_listener.local_addr()?));
+        let relay_url = Some(relay.url());
         tasks.push(serve(
             model_listener,
             crate::model::router(),
@@ -229,11 +240,13 @@ impl World {
             dir: dir.clone(),
             chain,
             peers,
+            relay,
             lab_json: LabJson {
                 network: "regtest".into(),
                 esplora_url,
                 control_url,
                 model_url,
+                relay_url,
                 lsp: LspInfo {
                     node_id: String::new(),
                     address: String::new(),
@@ -376,6 +389,11 @@ impl World {
         &self.lab_json.control_url
     }
 
+    /// The lab's Nostr relay (its URL, stop/start for "relay down" tests).
+    pub fn relay(&self) -> &Relay {
+        &self.relay
+    }
+
     /// The hub as an LSPS2 client configures it.
     pub fn lsp(&self) -> LspInfo {
         self.peers.lsp()
@@ -402,6 +420,7 @@ impl World {
                 abort.abort();
             }
         }
+        self.relay.shutdown().await;
         self.peers.stop().await;
         self.chain.shutdown().await;
     }
@@ -426,6 +445,9 @@ impl World {
         out.push_str(&format!("  control   {}\n", j.control_url));
         if let Some(model) = &j.model_url {
             out.push_str(&format!("  model     {model}\n"));
+        }
+        if let Some(relay) = &j.relay_url {
+            out.push_str(&format!("  relay     {relay}\n"));
         }
         out.push_str(&format!(
             "  lsp       {}@{} (token in lab.json)\n",
@@ -456,6 +478,7 @@ impl Drop for World {
             }
         }
         if !self.stopped.swap(true, Ordering::SeqCst) {
+            self.relay.halt();
             // The control server's router holds the peers too, so stop them here rather than wait for the last
             // reference to go.
             for node in self.peers.all() {
