@@ -120,6 +120,31 @@ pub struct InferenceConfig {
     /// What the endpoint charges, so each call's cost can be recorded in sats.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub price: Option<Price>,
+    /// A different model per survival tier (same endpoint and key); unset tiers fall back towards `model`.
+    #[serde(skip_serializing_if = "TierModels::is_empty")]
+    pub tier_models: TierModels,
+}
+
+/// Model routing by survival tier (`inference.tier_models.low_compute: gpt-4o-mini`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TierModels {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub high: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub low_compute: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub critical: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead: Option<String>,
+}
+
+impl TierModels {
+    pub fn is_empty(&self) -> bool {
+        self == &TierModels::default()
+    }
 }
 
 impl Default for InferenceConfig {
@@ -137,6 +162,7 @@ impl Default for InferenceConfig {
             retry_max_ms: 60_000,
             deadline_secs: 600,
             price: None,
+            tier_models: TierModels::default(),
         }
     }
 }
@@ -211,7 +237,7 @@ impl Default for AgentConfig {
     }
 }
 
-/// Spending caps in sats. Enforced by the money gate (wallet issue); recorded now so setup can ask for them.
+/// Spending caps in sats, enforced by the money gate (`src/money/`), and the survival-tier thresholds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -220,6 +246,27 @@ pub struct LimitsConfig {
     pub daily_sats: u64,
     /// Balance floor the agent never spends below.
     pub reserve_sats: u64,
+    /// Rolling 24 h cap per counterparty (node id, or domain for L402/LNURL); unset = only the daily cap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_counterparty_sats: Option<u64>,
+    /// Rolling 24 h caps for particular counterparties or domains (a domain covers its subdomains).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub counterparty_sats: std::collections::BTreeMap<String, u64>,
+    /// Counterparties or domains that may be paid even in `default_deny` mode.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Counterparties or domains that are never paid.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    /// Only counterparties in `allow` can be paid.
+    pub default_deny: bool,
+    /// Payments above this wait for the creator (`automaton approvals`); unset = never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_above_sats: Option<u64>,
+    /// Rolling 24 h cap on inference spend (priced calls and paid inference); `null` = no cap.
+    pub inference_daily_sats: Option<u64>,
+    /// Survival-tier thresholds.
+    pub tiers: TierThresholds,
 }
 
 impl Default for LimitsConfig {
@@ -229,6 +276,36 @@ impl Default for LimitsConfig {
             hourly_sats: 25_000,
             daily_sats: 100_000,
             reserve_sats: 1_000,
+            per_counterparty_sats: None,
+            counterparty_sats: Default::default(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            default_deny: false,
+            approval_above_sats: None,
+            inference_daily_sats: Some(50_000),
+            tiers: TierThresholds::default(),
+        }
+    }
+}
+
+/// Balance thresholds of the survival tiers (sats): `high` ≥ high_sats, `normal` ≥ normal_sats, `low_compute` ≥
+/// low_compute_sats, `critical` above 0, `dead` after `dead_grace_secs` at 0.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TierThresholds {
+    pub high_sats: u64,
+    pub normal_sats: u64,
+    pub low_compute_sats: u64,
+    pub dead_grace_secs: u64,
+}
+
+impl Default for TierThresholds {
+    fn default() -> Self {
+        TierThresholds {
+            high_sats: 1_000_000,
+            normal_sats: 20_000,
+            low_compute_sats: 5_000,
+            dead_grace_secs: 3_600,
         }
     }
 }
@@ -637,6 +714,29 @@ impl Config {
         check(
             "limits.hourly_sats",
             not_above(l.hourly_sats, l.daily_sats, "limits.daily_sats"),
+        );
+        if let Some(v) = l.approval_above_sats {
+            check("limits.approval_above_sats", at_least_one(v));
+        }
+        let listed = |names: &[String]| match names.iter().find(|n| n.trim().is_empty()) {
+            Some(_) => Err("entries must not be empty".to_string()),
+            None => Ok(()),
+        };
+        check("limits.allow", listed(&l.allow));
+        check("limits.deny", listed(&l.deny));
+        check(
+            "limits.counterparty_sats",
+            listed(&l.counterparty_sats.keys().cloned().collect::<Vec<_>>()),
+        );
+        let t = &l.tiers;
+        check("limits.tiers.low_compute_sats", at_least_one(t.low_compute_sats));
+        check(
+            "limits.tiers.low_compute_sats",
+            not_above(t.low_compute_sats, t.normal_sats, "limits.tiers.normal_sats"),
+        );
+        check(
+            "limits.tiers.normal_sats",
+            not_above(t.normal_sats, t.high_sats, "limits.tiers.high_sats"),
         );
         let network = self.wallet.network.as_str();
         check(

@@ -13,6 +13,7 @@ use rusqlite::Connection;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_schedule.sql"),
+    include_str!("migrations/0003_money.sql"),
 ];
 
 /// The schema version this binary writes.
