@@ -403,6 +403,23 @@ async fn events_survive_a_restart_of_the_store() {
     assert_eq!(verified(&found[0]).id, note.id);
 }
 
+#[tokio::test]
+async fn a_restart_fails_clearly_when_another_process_took_the_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = private_relay(dir.path()).await;
+    relay.stop().await;
+    assert!(!relay.is_running().await);
+    let squatter =
+        std::net::TcpListener::bind(relay.addr()).expect("the port is free once stopped");
+    let err = relay.restart().await.expect_err("the port is taken");
+    assert_eq!(err.kind(), "port_in_use", "{err}");
+    assert!(err.to_string().contains(&relay.addr().to_string()), "{err}");
+    drop(squatter);
+    relay.restart().await.expect("free again");
+    assert!(relay.is_running().await);
+    Client::connect(&relay.url()).await;
+}
+
 /// `up` on an existing dir: the relay comes back on the same URL with its events (`DIR/relay/`).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resumed_world_keeps_its_relay_url_and_events() {
