@@ -68,6 +68,11 @@ impl Home {
         self.root.join("node")
     }
 
+    /// `ssh/`: the agent's SSH key pair and the `known_hosts` its SSH connections trust (0700).
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.root.join("ssh")
+    }
+
     pub fn genesis_dir(&self) -> PathBuf {
         self.root.join("genesis")
     }
@@ -129,6 +134,13 @@ impl Home {
             self.node_dir(),
         ];
         if let Some(key_file) = &config.inference.api_key_file {
+            paths.push(key_file.clone());
+        }
+        // The SSH private key and the host keys the agent trusts: reading one leaks it, editing the other
+        // would let a command redirect the agent's connections.
+        paths.push(self.ssh_dir());
+        paths.push(config.compute.ssh.key_path.clone());
+        if let Some(key_file) = &config.compute.conway.api_key_file {
             paths.push(key_file.clone());
         }
         paths

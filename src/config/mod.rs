@@ -184,6 +184,12 @@ pub struct ComputeConfig {
     pub workdir: Option<PathBuf>,
     pub exec_timeout_secs: u64,
     pub output_cap_bytes: usize,
+    /// `provider: ssh`: the machine to act on.
+    #[serde(skip_serializing_if = "SshConfig::is_default")]
+    pub ssh: SshConfig,
+    /// `provider: conway`: a Conway Cloud sandbox.
+    #[serde(skip_serializing_if = "ConwayConfig::is_default")]
+    pub conway: ConwayConfig,
 }
 
 impl Default for ComputeConfig {
@@ -193,7 +199,79 @@ impl Default for ComputeConfig {
             workdir: None,
             exec_timeout_secs: 60,
             output_cap_bytes: 16384,
+            ssh: SshConfig::default(),
+            conway: ConwayConfig::default(),
         }
+    }
+}
+
+/// A machine reached over SSH (`compute.provider: ssh`). Its host key must be in the home's `ssh/known_hosts`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SshConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    pub port: u16,
+    pub user: String,
+    /// Private key; relative paths are relative to the home.
+    pub key_path: PathBuf,
+    /// Remote working directory (absolute); unset = the remote user's home directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<PathBuf>,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        SshConfig {
+            host: None,
+            port: 22,
+            user: "root".to_string(),
+            key_path: PathBuf::from("ssh/id_ed25519"),
+            workdir: None,
+        }
+    }
+}
+
+impl SshConfig {
+    pub fn is_default(&self) -> bool {
+        self == &SshConfig::default()
+    }
+}
+
+/// A Conway Cloud sandbox (`compute.provider: conway`), paid from credits the operator bought.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConwayConfig {
+    pub api_url: String,
+    /// Environment variable holding the API key (sent raw in `Authorization`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// Or a 0600 file holding it; relative paths are relative to the home.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
+    /// The sandbox to use; unset = the first running sandbox of the account.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+    /// Working directory inside the sandbox; unset = its home directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<PathBuf>,
+}
+
+impl Default for ConwayConfig {
+    fn default() -> Self {
+        ConwayConfig {
+            api_url: "https://api.conway.tech".to_string(),
+            api_key_env: None,
+            api_key_file: None,
+            sandbox_id: None,
+            workdir: None,
+        }
+    }
+}
+
+impl ConwayConfig {
+    pub fn is_default(&self) -> bool {
+        self == &ConwayConfig::default()
     }
 }
 
@@ -609,6 +687,14 @@ impl Config {
                 self.compute.workdir = Some(home.root().join(p));
             }
         }
+        if self.compute.ssh.key_path.is_relative() {
+            self.compute.ssh.key_path = home.root().join(&self.compute.ssh.key_path);
+        }
+        if let Some(p) = &self.compute.conway.api_key_file {
+            if p.is_relative() {
+                self.compute.conway.api_key_file = Some(home.root().join(p));
+            }
+        }
     }
 
     /// Checks values the types cannot: required fields, URLs, names. `origin` names the file in errors.
@@ -674,6 +760,36 @@ impl Config {
             "compute.exec_timeout_secs",
             at_least_one(self.compute.exec_timeout_secs),
         );
+        let known = crate::compute::backends();
+        if !known.iter().any(|b| b.kind == self.compute.provider) {
+            let names: Vec<&str> = known.iter().map(|b| b.kind).collect();
+            check(
+                "compute.provider",
+                Err(format!("unknown provider (known: {})", names.join(", "))),
+            );
+        }
+        if self.compute.provider == "ssh" {
+            check(
+                "compute.ssh.host",
+                not_empty(self.compute.ssh.host.as_deref().unwrap_or_default()),
+            );
+            check("compute.ssh.user", not_empty(&self.compute.ssh.user));
+            check("compute.ssh.port", at_least_one(self.compute.ssh.port.into()));
+        }
+        if let Some(w) = &self.compute.ssh.workdir {
+            if w.is_relative() {
+                check("compute.ssh.workdir", Err("must be an absolute path on the remote machine".to_string()));
+            }
+        }
+        if self.compute.provider == "conway" {
+            check(
+                "compute.conway.api_url",
+                validate_http_url(&self.compute.conway.api_url),
+            );
+        }
+        if let Some(var) = &self.compute.conway.api_key_env {
+            check("compute.conway.api_key_env", validate_env_var_name(var));
+        }
         let a = &self.agent;
         check(
             "agent.max_tool_calls_per_turn",
