@@ -96,6 +96,10 @@ pub async fn run_with_provider(
         protected: ProtectedPaths::new(home.protected_paths(config)),
         started_at: chrono::Utc::now(),
     };
+    // Money shapes thinking and acting: the model follows the survival tier, inference stops at its daily cap,
+    // and dangerous tools are off in critical/dead.
+    let (registry, provider) =
+        crate::money::routing::wire_agent(home, config, &ctx.db, registry, provider);
     let mut agent = Agent {
         guards: Guards::new(&config.agent),
         retry: RetryPolicy::from_config(&config.inference),

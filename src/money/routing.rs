@@ -9,10 +9,11 @@ use serde_json::Value;
 
 use super::tiers::{self, SurvivalTier};
 use super::{BudgetError, BudgetPolicy};
-use crate::config::{InferenceConfig, Secret};
+use crate::config::{Config, InferenceConfig, Secret};
+use crate::home::Home;
 use crate::inference::{self, ChatRequest, Completion, InferenceError, InferenceProvider};
 use crate::state::Db;
-use crate::tools::{Authority, AuthorityPolicy, Decision, ToolDef, ToolPolicy};
+use crate::tools::{Authority, AuthorityPolicy, Decision, Registry, ToolDef, ToolPolicy};
 
 /// An inference provider that asks the model of the current survival tier (`inference.tier_models`, same endpoint
 /// and key) and refuses to call at all once the daily inference cap is spent.
@@ -89,6 +90,15 @@ impl InferenceProvider for TierRouter {
             tracing::warn!(error = %err, "cannot read the survival tier; using the normal model");
             SurvivalTier::Normal
         });
+        if tier == SurvivalTier::Dead && self.config.tier_models.dead.is_none() {
+            // A dead agent spends nothing on thinking until funds bring it back (a resurrection wake event).
+            return Err(InferenceError::PaymentRequired {
+                challenge: None,
+                message: "the agent is dead (balance 0 past the grace period): no inference until it is funded \
+                          (or inference.tier_models.dead names a free model)"
+                    .into(),
+            });
+        }
         let model = tiers::model_for_tier(&self.config, tier);
         if model != self.config.model {
             tracing::debug!(%tier, %model, "model routed by survival tier");
@@ -131,4 +141,28 @@ impl ToolPolicy for TierToolPolicy {
         }
         Decision::Allow
     }
+}
+
+/// Wires money into an agent run: the provider behind a `TierRouter` (model per tier, inference cap, no thinking
+/// while dead) and the registry behind a `TierToolPolicy`. With no `tier_models` configured the given provider
+/// answers every call, so tests' scripted providers keep working.
+pub fn wire_agent(
+    home: &Home,
+    config: &Config,
+    db: &Db,
+    registry: Registry,
+    provider: Arc<dyn InferenceProvider>,
+) -> (Registry, Arc<dyn InferenceProvider>) {
+    // Other tiers' providers need the key too; an unreadable key only matters once such a model is asked for.
+    let key = config.inference_api_key().ok().flatten();
+    let budget = BudgetPolicy::from_home(db.clone(), config, home, Vec::new());
+    let router = TierRouter::new(
+        db.clone(),
+        config.inference.clone(),
+        key,
+        provider,
+        Some(budget),
+    );
+    let registry = registry.with_policy(Box::new(TierToolPolicy::new(db.clone())));
+    (registry, Arc::new(router))
 }

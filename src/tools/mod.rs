@@ -225,6 +225,12 @@ impl Registry {
         }
     }
 
+    /// This registry with another policy hook (the agent's survival-aware policy, `money::routing::TierToolPolicy`).
+    pub fn with_policy(mut self, policy: Box<dyn ToolPolicy>) -> Registry {
+        self.policy = policy;
+        self
+    }
+
     /// The registry with every built-in tool of this issue.
     pub fn with_builtin_tools(result_cap: usize) -> Result<Registry, SchemaError> {
         let mut registry = Registry::new(Box::new(AuthorityPolicy), result_cap);
