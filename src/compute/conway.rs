@@ -221,7 +221,9 @@ impl ConwayClient {
         policy: RetryPolicy,
     ) -> Result<ConwayClient, ComputeError> {
         if key.expose().trim().is_empty() {
-            return Err(ComputeError::Config("the Conway API key is empty".to_string()));
+            return Err(ComputeError::Config(
+                "the Conway API key is empty".to_string(),
+            ));
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -393,14 +395,19 @@ impl ConwayClient {
                         | StatusCode::SERVICE_UNAVAILABLE
                         | StatusCode::GATEWAY_TIMEOUT => {
                             let failure = format!("{} {}", status.as_u16(), message);
-                            self.retry_or_fail(&mut retries, &failure, retry_after).await?;
+                            self.retry_or_fail(&mut retries, &failure, retry_after)
+                                .await?;
                             continue;
                         }
                         _ => {
                             self.breaker_reset();
                             return Err(ComputeError::Remote {
                                 provider: KIND,
-                                message: format!("{} {path}: {} {message}", method, status.as_u16()),
+                                message: format!(
+                                    "{} {path}: {} {message}",
+                                    method,
+                                    status.as_u16()
+                                ),
                             });
                         }
                     }
@@ -420,7 +427,10 @@ impl ConwayClient {
         if self.breaker_failure() {
             return Err(ComputeError::Unavailable {
                 provider: KIND,
-                reason: format!("{failure}; {} failures in a row", self.policy.breaker_threshold),
+                reason: format!(
+                    "{failure}; {} failures in a row",
+                    self.policy.breaker_threshold
+                ),
             });
         }
         if *retries >= self.policy.max_retries {
@@ -487,7 +497,13 @@ impl ConwayClient {
             )
             .await?;
         let value = answer.json.unwrap_or(Value::Null);
-        let text = |k: &str| value.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+        let text = |k: &str| {
+            value
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
         Ok(RemoteExec {
             stdout: text("stdout"),
             stderr: text("stderr"),
@@ -509,7 +525,10 @@ impl ConwayClient {
         let body = json!({"path": path, "content": content});
         self.call(
             Method::POST,
-            &format!("/v1/sandboxes/{}/files/upload/json", path_segment(sandbox_id)),
+            &format!(
+                "/v1/sandboxes/{}/files/upload/json",
+                path_segment(sandbox_id)
+            ),
             Some(&body),
             Call::default(),
         )
@@ -529,15 +548,17 @@ impl ConwayClient {
             query_value(path)
         );
         match self.call(Method::GET, &route, None, call).await {
-            Ok(answer) => Ok(match answer
-                .json
-                .as_ref()
-                .and_then(|j| j.get("content"))
-                .and_then(Value::as_str)
-            {
-                Some(content) => content.to_string(),
-                None => answer.text,
-            }),
+            Ok(answer) => Ok(
+                match answer
+                    .json
+                    .as_ref()
+                    .and_then(|j| j.get("content"))
+                    .and_then(Value::as_str)
+                {
+                    Some(content) => content.to_string(),
+                    None => answer.text,
+                },
+            ),
             Err(ComputeError::NotFound { .. }) => Err(ComputeError::NotFound {
                 path: PathBuf::from(path),
             }),
@@ -602,7 +623,11 @@ impl ConwayClient {
         Ok(tiers
             .iter()
             .map(|t| PricingTier {
-                name: t.get("name").and_then(Value::as_str).unwrap_or_default().to_string(),
+                name: t
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
                 vcpu: t.get("vcpu").and_then(as_u64_lenient),
                 memory_mb: t.get("memory_mb").and_then(as_u64_lenient),
                 disk_gb: t.get("disk_gb").and_then(as_u64_lenient),
@@ -640,11 +665,15 @@ fn without_url(e: &reqwest::Error) -> String {
 /// The server's words for an error: a JSON `error`/`message`/`detail`, else the text, shortened.
 fn server_message(json: Option<&Value>, text: &str, status: StatusCode) -> String {
     let from_json = json.and_then(|j| {
-        ["error", "message", "detail"].iter().find_map(|k| match j.get(*k) {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Object(o)) => o.get("message").and_then(Value::as_str).map(str::to_string),
-            _ => None,
-        })
+        ["error", "message", "detail"]
+            .iter()
+            .find_map(|k| match j.get(*k) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Object(o)) => {
+                    o.get("message").and_then(Value::as_str).map(str::to_string)
+                }
+                _ => None,
+            })
     });
     let message = from_json.unwrap_or_else(|| text.trim().to_string());
     let message: String = message.chars().take(300).collect();
@@ -740,7 +769,10 @@ impl std::fmt::Debug for ConwayCompute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConwayCompute")
             .field("client", &self.client)
-            .field("sandbox", &self.sandbox.get().or(self.configured_sandbox.as_ref()))
+            .field(
+                "sandbox",
+                &self.sandbox.get().or(self.configured_sandbox.as_ref()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -970,7 +1002,11 @@ impl ComputeProvider for ConwayCompute {
         let (exit_code, signal, timed_out) = match out.exit_code {
             s if s > 128 && s <= 128 + 64 => {
                 let signal = (s - 128) as i32;
-                (None, Some(signal), signal == libc::SIGKILL && elapsed >= request.timeout)
+                (
+                    None,
+                    Some(signal),
+                    signal == libc::SIGKILL && elapsed >= request.timeout,
+                )
             }
             s if s < 0 => (None, None, elapsed >= request.timeout),
             s => (Some(s as i32), None, false),
@@ -993,7 +1029,9 @@ impl ComputeProvider for ConwayCompute {
         use base64::Engine;
         let remote = self.resolve(path).await?;
         let max = max_bytes.to_string();
-        let out = self.run(READ_SCRIPT, &[&remote, &max], FILE_TIMEOUT).await?;
+        let out = self
+            .run(READ_SCRIPT, &[&remote, &max], FILE_TIMEOUT)
+            .await?;
         if out.exit_code != 0 {
             return Err(self.file_error("read", path, &out));
         }

@@ -180,9 +180,13 @@ impl SshCompute {
             .tempdir_in("/tmp")
             .map_err(|e| ComputeError::io("create", Path::new("/tmp/automaton-ssh-*"), e))?;
         let config = control_dir.path().join("config");
-        std::fs::write(&config, CLIENT_CONFIG).map_err(|e| ComputeError::io("write", &config, e))?;
+        std::fs::write(&config, CLIENT_CONFIG)
+            .map_err(|e| ComputeError::io("write", &config, e))?;
         Ok(SshCompute {
-            workdir: options.workdir.clone().unwrap_or_else(|| PathBuf::from("~")),
+            workdir: options
+                .workdir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("~")),
             target,
             options,
             discovered_workdir: OnceLock::new(),
@@ -306,7 +310,8 @@ impl SshCompute {
 
     /// Learns the remote home (the default workdir) and checks `timeout` exists there.
     async fn discover(&self, conn: &Connection) -> Result<(), ComputeError> {
-        let probe = "printf '%s\\n' \"$HOME\"; command -v timeout >/dev/null 2>&1 && echo timeout-ok";
+        let probe =
+            "printf '%s\\n' \"$HOME\"; command -v timeout >/dev/null 2>&1 && echo timeout-ok";
         let out = conn
             .session
             .raw_command(format!("sh -c {}", quote(probe)))
@@ -338,12 +343,16 @@ impl SshCompute {
     fn connect_error(&self, err: openssh::Error) -> ComputeError {
         let text = error_text(&err);
         let host = self.target.display();
-        if text.contains("IDENTIFICATION HAS CHANGED") || text.contains("has changed and you have requested strict") {
+        if text.contains("IDENTIFICATION HAS CHANGED")
+            || text.contains("has changed and you have requested strict")
+        {
             ComputeError::HostKeyChanged {
                 host,
                 known_hosts: self.target.known_hosts.clone(),
             }
-        } else if text.contains("Host key verification failed") || text.contains("host key is known") {
+        } else if text.contains("Host key verification failed")
+            || text.contains("host key is known")
+        {
             ComputeError::HostKeyUnknown {
                 host,
                 known_hosts: self.target.known_hosts.clone(),
@@ -773,7 +782,14 @@ impl ComputeProvider for SshCompute {
     async fn write_file(&self, path: &Path, content: &[u8]) -> Result<(), ComputeError> {
         let remote = self.remote_path(path);
         let run = self
-            .run(WRITE_SCRIPT, &[&remote], Some(content), 4096, 4096, FILE_TIMEOUT)
+            .run(
+                WRITE_SCRIPT,
+                &[&remote],
+                Some(content),
+                4096,
+                4096,
+                FILE_TIMEOUT,
+            )
             .await?;
         match run.status {
             Some(0) => Ok(()),
@@ -784,7 +800,13 @@ impl ComputeProvider for SshCompute {
 }
 
 impl SshCompute {
-    fn file_error(&self, op: &'static str, path: &Path, status: i32, run: &RemoteRun) -> ComputeError {
+    fn file_error(
+        &self,
+        op: &'static str,
+        path: &Path,
+        status: i32,
+        run: &RemoteRun,
+    ) -> ComputeError {
         let path = path.to_path_buf();
         match status {
             ST_NOT_FOUND => ComputeError::NotFound { path },
@@ -938,7 +960,10 @@ pub fn add_known_host(path: &Path, host: &str, port: u16, key: &str) -> Result<b
     edit_known_hosts(path, |mut lines| {
         for line in lines.iter().filter(|l| entry_matches(l, &name)) {
             let mut parts = line.split_whitespace().skip(1);
-            let (k, b) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+            let (k, b) = (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            );
             if k == kind {
                 if b == blob {
                     return Ok((lines, false));
@@ -982,7 +1007,13 @@ pub fn known_host_keys(path: &Path, host: &str, port: u16) -> Result<Vec<String>
     Ok(text
         .lines()
         .filter(|l| entry_matches(l, &name))
-        .map(|l| l.split_whitespace().skip(1).take(2).collect::<Vec<_>>().join(" "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect())
 }
 
@@ -1013,7 +1044,8 @@ pub fn ensure_keypair(path: &Path, comment: &str) -> Result<String, ComputeError
             });
         }
     }
-    let line = std::fs::read_to_string(&public).map_err(|e| ComputeError::io("read", &public, e))?;
+    let line =
+        std::fs::read_to_string(&public).map_err(|e| ComputeError::io("read", &public, e))?;
     Ok(line.trim().to_string())
 }
 
@@ -1021,8 +1053,10 @@ pub fn ensure_keypair(path: &Path, comment: &str) -> Result<String, ComputeError
 mod tests {
     use super::*;
 
-    const KEY_A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
-    const KEY_B: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBp1ZgGyq2JzK7bQX6yH4mW3oJ5Y8c9dTfGk1sLrV2Nn";
+    const KEY_A: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+    const KEY_B: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBp1ZgGyq2JzK7bQX6yH4mW3oJ5Y8c9dTfGk1sLrV2Nn";
 
     #[test]
     fn names_follow_known_hosts_rules() {
@@ -1046,10 +1080,16 @@ mod tests {
             Err(ComputeError::HostKeyChanged { .. })
         ));
         assert!(add_known_host(&path, "127.0.0.5", 2222, KEY_B).unwrap());
-        assert_eq!(known_host_keys(&path, "127.0.0.5", 22).unwrap(), vec![KEY_A]);
+        assert_eq!(
+            known_host_keys(&path, "127.0.0.5", 22).unwrap(),
+            vec![KEY_A]
+        );
         assert_eq!(remove_known_host(&path, "127.0.0.5", 22).unwrap(), 1);
         assert!(known_host_keys(&path, "127.0.0.5", 22).unwrap().is_empty());
-        assert_eq!(known_host_keys(&path, "127.0.0.5", 2222).unwrap(), vec![KEY_B]);
+        assert_eq!(
+            known_host_keys(&path, "127.0.0.5", 2222).unwrap(),
+            vec![KEY_B]
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
