@@ -8,6 +8,7 @@ pub mod compute;
 pub mod config;
 pub mod home;
 pub mod inference;
+pub mod nostr;
 pub mod money;
 pub mod setup;
 pub mod state;

@@ -35,6 +35,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub wallet: WalletConfig,
     pub http: HttpConfig,
+    pub nostr: NostrConfig,
 }
 
 /// Who made this agent. The creator has full audit rights (constitution, law III).
@@ -437,6 +438,42 @@ pub struct HttpConfig {
     pub listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+}
+
+/// The agent's Nostr presence: relays, card and distress settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NostrConfig {
+    /// Relay URLs (`wss://…`, or `ws://` for loopback); empty = no Nostr presence.
+    pub relays: Vec<String>,
+    /// The card's `about` line; a default sentence when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub about: Option<String>,
+    /// The parent agent's npub, for a child.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Republish the card at least this often (it is also republished whenever it changes).
+    pub card_interval_secs: u64,
+    /// At most one distress note per tier in this window.
+    pub distress_interval_secs: u64,
+    /// The smallest amount a distress note asks for (a day of runway is at least this).
+    pub distress_min_sats: u64,
+    /// Also send the distress note as a private message (NIP-17) to `creator.npub`.
+    pub distress_dm: bool,
+}
+
+impl Default for NostrConfig {
+    fn default() -> Self {
+        NostrConfig {
+            relays: Vec::new(),
+            about: None,
+            parent: None,
+            card_interval_secs: 6 * 3600,
+            distress_interval_secs: 24 * 3600,
+            distress_min_sats: 5_000,
+            distress_dm: true,
+        }
+    }
 }
 
 /// Why the configuration could not be loaded, written, or a secret read.
@@ -890,6 +927,18 @@ impl Config {
                     .map_err(|_| format!("`{listen}` is not HOST:PORT")),
             );
         }
+        for relay in &self.nostr.relays {
+            check("nostr.relays", validate_relay_url(relay));
+        }
+        if let Some(parent) = &self.nostr.parent {
+            check("nostr.parent", validate_npub(parent));
+        }
+        if self.nostr.card_interval_secs < 60 {
+            check(
+                "nostr.card_interval_secs",
+                Err("must be at least 60".to_string()),
+            );
+        }
         problems
     }
 
@@ -1047,6 +1096,15 @@ pub fn validate_env_var_name(var: &str) -> Result<(), String> {
             "`{var}` is not an environment variable name (letters, digits and _; this is the variable's name, not the key)"
         ))
     }
+}
+
+/// A Nostr relay URL: `wss://`, or `ws://` (meant for loopback and private networks).
+pub fn validate_relay_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url.trim()).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "ws" | "wss") || parsed.host_str().is_none() {
+        return Err(format!("`{url}` must be a ws:// or wss:// relay URL"));
+    }
+    Ok(())
 }
 
 /// A Lightning node id: a 33-byte compressed secp256k1 public key in hex.

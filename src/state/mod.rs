@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_schedule.sql"),
     include_str!("migrations/0003_money.sql"),
+    include_str!("migrations/0004_nostr.sql"),
 ];
 
 /// The schema version this binary writes.

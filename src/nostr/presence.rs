@@ -1,0 +1,293 @@
+//! The agent's live presence while `automaton run` holds the home: its card published at start and whenever
+//! its status changes (and at least every `nostr.card_interval_secs`), distress notes on entering `critical`
+//! or `dead`, and the outbox flushed as relays come and go. Also the pieces the CLI, tools and heartbeat tasks
+//! share: who the agent is (for its card), building the current card, and publishing one event right now.
+
+use std::time::Duration;
+
+use ::nostr::{Event, Keys, RelayUrl, Timestamp};
+use rusqlite::Connection;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::card::{card_event, CardContent, CardStatus, VERSION};
+use super::outbox::{self, Purpose};
+use super::relays::{self, RelaySet};
+use super::{distress, NostrError};
+use crate::config::Config;
+use crate::home::Home;
+use crate::money::tiers;
+use crate::state::history::kv_get;
+use crate::state::Db;
+
+/// How often the live presence looks at the agent's status and the outbox.
+const TICK: Duration = Duration::from_secs(2);
+/// How long a one-off publish (CLI, tool) waits for relays to connect before sending.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// How long shutdown spends on a last flush.
+const FINAL_FLUSH: Duration = Duration::from_secs(3);
+
+/// Where the wallet records the node id at setup (`wallet::NODE_ID_KEY`), so the card needs no running node.
+const NODE_ID_KEY: &str = "wallet.node_id";
+
+/// The facts a card and a distress note are made of.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    pub name: String,
+    /// The Lightning node id (recorded by the wallet at setup).
+    pub node_id: Option<String>,
+    pub node_addr: Option<String>,
+    /// `name@host[:port]` of the agent's HTTP face (`http.public_url`).
+    pub lightning_address: Option<String>,
+    /// The LNURL-pay endpoint behind the Lightning address.
+    pub lnurlp: Option<String>,
+    /// `/.well-known/automaton.json`.
+    pub web: Option<String>,
+}
+
+impl Identity {
+    pub fn read(config: &Config, conn: &Connection) -> rusqlite::Result<Identity> {
+        let (lightning_address, lnurlp, web) = http_face(config);
+        Ok(Identity {
+            name: config.name.clone(),
+            node_id: kv_get(conn, NODE_ID_KEY)?,
+            node_addr: None,
+            lightning_address,
+            lnurlp,
+            web,
+        })
+    }
+}
+
+/// The Lightning address, LNURL-pay URL and description URL implied by `http.public_url` (LUD-16: the user
+/// name is the agent's name; the host keeps its port, which the lab's loopback addresses need).
+pub fn http_face(config: &Config) -> (Option<String>, Option<String>, Option<String>) {
+    let Some(public) = config.http.public_url.as_deref() else {
+        return (None, None, None);
+    };
+    let Ok(url) = reqwest::Url::parse(public) else {
+        return (None, None, None);
+    };
+    let Some(host) = url.host_str() else {
+        return (None, None, None);
+    };
+    let user = config.name.to_ascii_lowercase();
+    let authority = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    let base = public.trim_end_matches('/');
+    (
+        Some(format!("{user}@{authority}")),
+        Some(format!("{base}/.well-known/lnurlp/{user}")),
+        Some(format!("{base}/.well-known/automaton.json")),
+    )
+}
+
+/// The card as it should read now: config, recorded identity, survival tier.
+pub fn current_card(config: &Config, conn: &Connection) -> rusqlite::Result<CardContent> {
+    let identity = Identity::read(config, conn)?;
+    let tier = kv_get(conn, tiers::TIER_KEY)?;
+    Ok(CardContent {
+        name: identity.name,
+        about: Some(config.nostr.about.clone().unwrap_or_else(|| {
+            "An autonomous agent that lives on its own Lightning wallet (Automaton-LN).".to_string()
+        })),
+        picture: None,
+        version: VERSION.to_string(),
+        status: CardStatus::from_tier(tier.as_deref()),
+        tier: Some(tier.unwrap_or_else(|| "normal".to_string())),
+        ln_node_pubkey: identity.node_id,
+        ln_node_addr: identity.node_addr,
+        node_sig: None,
+        lud16: identity.lightning_address,
+        lnurlp: identity.lnurlp,
+        web: identity.web,
+        // The HTTP face's paid services join the card once they are declared in config.
+        services: Vec::new(),
+        parent: config.nostr.parent.clone(),
+        updated_at: Timestamp::now().as_secs(),
+    })
+}
+
+/// The current card, signed.
+pub async fn signed_card(
+    db: &Db,
+    keys: &Keys,
+    config: &Config,
+) -> Result<(CardContent, Event), NostrError> {
+    let config_for_db = config.clone();
+    let content = db.call(move |c| current_card(&config_for_db, c)).await?;
+    let event = card_event(keys, &content)?;
+    Ok((content, event))
+}
+
+/// What a one-off publish achieved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Published {
+    pub event_id: String,
+    pub accepted: Vec<String>,
+    /// Relays that did not take it (they stay in the outbox for the running agent to retry).
+    pub failed: Vec<(String, String)>,
+}
+
+/// Queues `event` in the outbox and sends it right away to every relay, waiting briefly for connections.
+/// `Err(NotAccepted)` when no relay took it; the event stays queued either way.
+pub async fn publish_now(
+    db: &Db,
+    keys: &Keys,
+    relays: &RelaySet,
+    event: &Event,
+    purpose: Purpose,
+) -> Result<Published, NostrError> {
+    relays.require()?;
+    outbox::enqueue(db, event, relays, purpose).await?;
+    let client = relays::client(keys, relays).await?;
+    relays::wait_connected(&client, CONNECT_WAIT).await;
+    let results = relays::send_to(&client, event, relays.urls()).await;
+    client.shutdown().await;
+    let event_id = event.id.to_hex();
+    let mut accepted = Vec::new();
+    let mut failed = Vec::new();
+    for (url, result) in results {
+        match result {
+            Ok(()) => {
+                outbox::mark_sent(db, &event_id, url.as_str()).await?;
+                accepted.push(url.to_string());
+            }
+            Err(why) => failed.push((url.to_string(), why)),
+        }
+    }
+    if accepted.is_empty() {
+        return Err(NostrError::NotAccepted { failures: failed });
+    }
+    Ok(Published {
+        event_id,
+        accepted,
+        failed,
+    })
+}
+
+/// Starts the live presence in the background; it ends when `cancel` fires. Returns `None` (after saying
+/// why in the log) when the agent has no wallet key or no relays.
+pub fn spawn(
+    home: &Home,
+    config: &Config,
+    db: Db,
+    cancel: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let relays = match RelaySet::from_config(config) {
+        Ok(relays) if relays.is_empty() => {
+            tracing::info!("no nostr.relays configured: no Nostr presence");
+            return None;
+        }
+        Ok(relays) => relays,
+        Err(e) => {
+            tracing::warn!(error = %e, "no Nostr presence");
+            return None;
+        }
+    };
+    let keys = match super::agent_keys(home) {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::warn!(error = %e, "no Nostr presence");
+            return None;
+        }
+    };
+    let config = config.clone();
+    Some(tokio::spawn(async move {
+        let span = tracing::info_span!("nostr", npub = %super::npub(&keys.public_key()));
+        let _ = tracing::Instrument::instrument(live(config, db, keys, relays, cancel), span).await;
+    }))
+}
+
+async fn live(config: Config, db: Db, keys: Keys, relays: RelaySet, cancel: CancellationToken) {
+    let client = match relays::client(&keys, &relays).await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the relay client: no Nostr presence");
+            return;
+        }
+    };
+    tracing::info!(relays = ?relays.strings(), "Nostr presence started");
+    let mut published: Option<CardContent> = None;
+    let mut last_status: Option<CardStatus> = None;
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        if let Err(e) = tick(
+            &db,
+            &keys,
+            &config,
+            &relays,
+            &client,
+            &mut published,
+            &mut last_status,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "Nostr presence tick failed");
+        }
+    }
+    // One last try for whatever is queued (a dead card, a distress note), bounded.
+    let _ = tokio::time::timeout(FINAL_FLUSH, outbox::flush(&db, &client)).await;
+    client.shutdown().await;
+    tracing::info!("Nostr presence stopped");
+}
+
+async fn tick(
+    db: &Db,
+    keys: &Keys,
+    config: &Config,
+    relays: &RelaySet,
+    client: &nostr_sdk::Client,
+    published: &mut Option<CardContent>,
+    last_status: &mut Option<CardStatus>,
+) -> Result<(), NostrError> {
+    let config_for_db = config.clone();
+    let (content, identity) = db
+        .call(move |c| {
+            Ok((
+                current_card(&config_for_db, c)?,
+                Identity::read(&config_for_db, c)?,
+            ))
+        })
+        .await?;
+    // Publish at start, whenever the card changes, and when the newest card (maybe from the heartbeat's
+    // `publish_card`) is older than the interval.
+    let interval = config.nostr.card_interval_secs;
+    let changed = published.as_ref().is_none_or(|p| !p.same_as(&content));
+    let latest_at = outbox::latest_event(db, Purpose::Card)
+        .await?
+        .map(|e| e.created_at.as_secs());
+    let stale = latest_at.is_none_or(|at| content.updated_at.saturating_sub(at) >= interval);
+    if changed || stale {
+        let event = card_event(keys, &content)?;
+        outbox::enqueue(db, &event, relays, Purpose::Card).await?;
+        tracing::info!(status = %content.status, event_id = %event.id, "card queued");
+    }
+    *published = Some(content.clone());
+    if *last_status != Some(content.status) {
+        if content.status.is_distress() {
+            match distress::signal(db, keys, config, &identity, relays, content.status).await? {
+                Ok(sent) => tracing::warn!(event_id = %sent.event_id, "distress signal queued"),
+                Err(why) => tracing::info!(?why, "no distress note"),
+            }
+        }
+        *last_status = Some(content.status);
+    }
+    let report = outbox::flush(db, client).await?;
+    if report.sent + report.failed > 0 {
+        tracing::debug!(?report, "outbox flushed");
+    }
+    Ok(())
+}
+
+/// Relay URLs as strings, for logs and JSON.
+pub fn relay_strings(urls: &[RelayUrl]) -> Vec<String> {
+    urls.iter().map(|u| u.to_string()).collect()
+}
