@@ -3,6 +3,8 @@
 //! Conventions (shared/CONVENTIONS.md): `--json` prints exactly one JSON document on stdout and puts every human
 //! note on stderr; exit 0 ok, 1 error, 2 refused by policy or budget, 3 a payment was attempted and failed.
 
+mod approvals;
+mod budget;
 mod logs;
 mod run;
 mod setup;
@@ -48,6 +50,10 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Show recent turns and the tool calls they made
     Logs(logs::LogsArgs),
+    /// Spending limits and what was spent against them; change them with `budget set`
+    Budget(budget::BudgetArgs),
+    /// Payments waiting for the creator's approval: list, approve, deny
+    Approvals(approvals::ApprovalsArgs),
 }
 
 /// An error that carries the process exit code (anything else exits 1).
@@ -81,6 +87,8 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::execute(&home, &cli.overrides, args),
         Command::Status(args) => status::execute(&home, &cli.overrides, args),
         Command::Logs(args) => logs::execute(&home, args),
+        Command::Budget(args) => budget::execute(&home, &cli.overrides, args),
+        Command::Approvals(args) => approvals::execute(&home, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -442,6 +442,7 @@ async fn frozen_wallet_pays_nothing_until_unfrozen() {
 async fn approval_flow_pending_then_approved_exactly_once() {
     let mut l = limits();
     l.approval_above_sats = Some(500);
+    l.hourly_sats = 5_000;
     let p = policy(l);
     // Under the threshold: no approval needed.
     p.authorize(req(500, Some("02cc")), None).await.unwrap();
