@@ -3,13 +3,17 @@
 //! `main.rs` only parses the command line; everything else lives here so tests can drive the real thing.
 
 pub mod agent;
+pub mod audit;
 pub mod cli;
 pub mod compute;
 pub mod config;
+pub mod genesis;
+pub mod heartbeat;
 pub mod home;
 pub mod inference;
 pub mod nostr;
 pub mod money;
 pub mod setup;
+pub mod skills;
 pub mod state;
 pub mod tools;

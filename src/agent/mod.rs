@@ -95,6 +95,8 @@ pub async fn run_with_provider(
         compute,
         protected: ProtectedPaths::new(home.protected_paths(config)),
         started_at: chrono::Utc::now(),
+        skills: crate::skills::Library::for_home(home),
+        turn_id: None,
     };
     // Money shapes thinking and acting: the model follows the survival tier, inference stops at its daily cap,
     // and dangerous tools are off in critical/dead.

@@ -181,6 +181,7 @@ impl Agent {
         input: TurnInput,
     ) -> Result<FinishedTurn, AgentError> {
         let config = self.ctx.config.clone();
+        self.ctx.turn_id = Some(turn_id.clone());
         let mut record = TurnRecord {
             id: turn_id,
             started_at: now_rfc3339(),
@@ -205,6 +206,7 @@ impl Agent {
             self.ctx.compute.workdir(),
             &defs,
             &status,
+            &self.ctx.skills,
         );
         let tools = self.registry.specs();
         let mut turn_messages = vec![Message::User {

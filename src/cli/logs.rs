@@ -20,6 +20,9 @@ pub struct LogsArgs {
     /// Keep printing turns as the agent finishes them (Ctrl-C to stop)
     #[arg(short, long)]
     follow: bool,
+    /// Show changes to the agent's definition (skills, heartbeat, genesis, config) instead of turns
+    #[arg(long, conflicts_with = "follow")]
+    changes: bool,
 }
 
 /// How often `--follow` looks for new turns.
@@ -34,6 +37,9 @@ pub fn execute(home: &Home, args: LogsArgs) -> anyhow::Result<()> {
     super::init_stderr_tracing();
     if !home.is_set_up() {
         return Err(super::not_set_up(home));
+    }
+    if args.changes {
+        return super::revert::print_changes(home, args.json, args.limit);
     }
     // Opening creates the DB of an agent that never ran, so --follow can wait for its first turn.
     let db = Db::open(&home.db_path())?;

@@ -5,9 +5,12 @@
 
 mod approvals;
 mod budget;
+mod heartbeat;
 mod logs;
+mod revert;
 mod run;
 mod setup;
+mod skills;
 mod status;
 
 use std::io::IsTerminal;
@@ -50,6 +53,12 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Show recent turns and the tool calls they made
     Logs(logs::LogsArgs),
+    /// The agent's schedule: list, add, remove, enable, disable or run heartbeat entries
+    Heartbeat(heartbeat::HeartbeatArgs),
+    /// Undo one change to the agent's definition (see `automaton logs --changes`)
+    Revert(revert::RevertArgs),
+    /// The agent's skills: list, show, enable, disable, install
+    Skills(skills::SkillsArgs),
     /// Spending limits and what was spent against them; change them with `budget set`
     Budget(budget::BudgetArgs),
     /// Payments waiting for the creator's approval: list, approve, deny
@@ -87,6 +96,9 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::execute(&home, &cli.overrides, args),
         Command::Status(args) => status::execute(&home, &cli.overrides, args),
         Command::Logs(args) => logs::execute(&home, args),
+        Command::Heartbeat(args) => heartbeat::execute(&home, args),
+        Command::Revert(args) => revert::execute(&home, args),
+        Command::Skills(args) => skills::execute(&home, args),
         Command::Budget(args) => budget::execute(&home, &cli.overrides, args),
         Command::Approvals(args) => approvals::execute(&home, args),
     };

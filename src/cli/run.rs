@@ -1,6 +1,7 @@
 //! `automaton run`: lock the home, start logging and the runtime, and hand over to the agent loop.
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -55,6 +56,11 @@ pub fn execute(home: &Home, overrides: &[Override], args: RunArgs) -> anyhow::Re
 
 async fn run_agent(home: &Home, config: Config, args: RunArgs) -> anyhow::Result<()> {
     let db = Db::open(&home.db_path())?;
+    // Altered laws stop the agent before it thinks once.
+    crate::genesis::check_constitution(home, &db)?;
+    if let Err(error) = crate::audit::record_hand_edits(home) {
+        tracing::debug!(%error, "hand edits not recorded");
+    }
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone())?;
     let started = Instant::now();
@@ -63,8 +69,22 @@ async fn run_agent(home: &Home, config: Config, args: RunArgs) -> anyhow::Result
         pid = std::process::id(),
         "automaton run holds the home"
     );
+    // The heartbeat runs beside the agent loop and stops after it.
+    let heartbeat_cancel = CancellationToken::new();
+    let heartbeat_task = tokio::spawn(
+        crate::heartbeat::Scheduler::new(
+            home.clone(),
+            db.clone(),
+            Arc::new(crate::heartbeat::SystemClock),
+            crate::heartbeat::TaskRegistry::builtin(),
+        )
+        .run(heartbeat_cancel.clone()),
+    );
     let options = RunOptions { turns: args.turns };
-    let summary = agent::run(home, &config, db, options, cancel).await?;
+    let outcome = agent::run(home, &config, db, options, cancel).await;
+    heartbeat_cancel.cancel();
+    let _ = heartbeat_task.await;
+    let summary = outcome?;
     tracing::info!(
         turns = summary.turns,
         tool_calls = summary.tool_calls,

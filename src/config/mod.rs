@@ -295,6 +295,8 @@ pub struct AgentConfig {
     pub max_sleep_secs: u64,
     pub backoff_base_secs: u64,
     pub backoff_max_secs: u64,
+    /// Shortest time between two `update_genesis_prompt` calls (the agent rewriting its own purpose).
+    pub genesis_update_interval_secs: u64,
 }
 
 impl Default for AgentConfig {
@@ -312,6 +314,7 @@ impl Default for AgentConfig {
             max_sleep_secs: 86_400,
             backoff_base_secs: 60,
             backoff_max_secs: 3_600,
+            genesis_update_interval_secs: 86_400,
         }
     }
 }

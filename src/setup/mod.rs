@@ -422,7 +422,9 @@ fn write_home(
             write_new(&dir.join("SKILL.md"), text, 0o644)?;
         }
     }
-    Db::open(&home.db_path())?;
+    let db = Db::open(&home.db_path())?;
+    // Records the constitution's hash (a new home) or checks it (reconfigure): `run` refuses altered laws.
+    crate::genesis::check_constitution(home, &db)?;
     // Written last: its presence is what marks the home as set up, so an interrupted setup can simply rerun.
     config.write(home)?;
     Ok(())

@@ -144,6 +144,10 @@ pub struct ToolContext {
     pub protected: ProtectedPaths,
     /// When this `automaton run` started (for uptime).
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// The home's skills (the prompt and the skill tools share the cache).
+    pub skills: crate::skills::Library,
+    /// The turn now running (set by the agent loop each turn); named in audit commits of self-changes.
+    pub turn_id: Option<String>,
 }
 
 /// One tool.
@@ -419,7 +423,12 @@ mod tests {
                 "read_file",
                 "write_file",
                 "sleep",
-                "system_synopsis"
+                "system_synopsis",
+                "modify_heartbeat",
+                "list_skills",
+                "create_skill",
+                "remove_skill",
+                "update_genesis_prompt"
             ]
         );
     }

@@ -2,6 +2,7 @@
 
 mod exec;
 mod files;
+pub mod schedule;
 mod sleep;
 mod synopsis;
 
@@ -23,6 +24,11 @@ pub fn builtin() -> Vec<Arc<dyn ToolHandler>> {
         Arc::new(WriteFileTool),
         Arc::new(SleepTool),
         Arc::new(SystemSynopsisTool),
+        Arc::new(schedule::ModifyHeartbeatTool),
+        Arc::new(schedule::ListSkillsTool),
+        Arc::new(schedule::CreateSkillTool),
+        Arc::new(schedule::RemoveSkillTool),
+        Arc::new(schedule::UpdateGenesisPromptTool),
     ]
 }
 
