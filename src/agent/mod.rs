@@ -77,6 +77,27 @@ pub async fn run(
     run_with_provider(home, config, db, provider, opts, cancel).await
 }
 
+/// What `automaton run` starts beside the agent loop and shares with its tools.
+#[derive(Clone, Debug, Default)]
+pub struct Services {
+    /// The Lightning wallet; with it the money tools are offered.
+    pub wallet: Option<crate::wallet::Wallet>,
+}
+
+/// `run` with the services `automaton run` started (the wallet).
+pub async fn run_with_services(
+    home: &Home,
+    config: &Config,
+    db: Db,
+    services: Services,
+    opts: RunOptions,
+    cancel: CancellationToken,
+) -> Result<RunSummary, AgentError> {
+    let key = config.inference_api_key()?;
+    let provider = inference::provider_from_config(&config.inference, key)?;
+    run_inner(home, config, db, provider, services, opts, cancel).await
+}
+
 /// `run` with an explicit inference provider (tests, and later the L402-paying provider wrapper).
 pub async fn run_with_provider(
     home: &Home,
@@ -86,8 +107,34 @@ pub async fn run_with_provider(
     opts: RunOptions,
     cancel: CancellationToken,
 ) -> Result<RunSummary, AgentError> {
+    run_inner(
+        home,
+        config,
+        db,
+        provider,
+        Services::default(),
+        opts,
+        cancel,
+    )
+    .await
+}
+
+async fn run_inner(
+    home: &Home,
+    config: &Config,
+    db: Db,
+    provider: Arc<dyn InferenceProvider>,
+    services: Services,
+    opts: RunOptions,
+    cancel: CancellationToken,
+) -> Result<RunSummary, AgentError> {
     let compute = compute::provider_from_config(home, config)?;
-    let registry = Registry::with_builtin_tools(config.agent.tool_result_cap_bytes)?;
+    let mut registry = Registry::with_builtin_tools(config.agent.tool_result_cap_bytes)?;
+    if services.wallet.is_some() {
+        for tool in crate::tools::handlers::wallet::tools() {
+            registry.register(tool)?;
+        }
+    }
     let ctx = ToolContext {
         home: home.clone(),
         config: Arc::new(config.clone()),
@@ -95,6 +142,7 @@ pub async fn run_with_provider(
         compute,
         protected: ProtectedPaths::new(home.protected_paths(config)),
         started_at: chrono::Utc::now(),
+        wallet: services.wallet,
         skills: crate::skills::Library::for_home(home),
         turn_id: None,
     };

@@ -12,6 +12,7 @@ mod run;
 mod setup;
 mod skills;
 mod status;
+mod wallet;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -53,6 +54,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Show recent turns and the tool calls they made
     Logs(logs::LogsArgs),
+    /// The agent's Lightning wallet: balance, invoices, payments, receipts
+    Wallet(wallet::WalletArgs),
     /// The agent's schedule: list, add, remove, enable, disable or run heartbeat entries
     Heartbeat(heartbeat::HeartbeatArgs),
     /// Undo one change to the agent's definition (see `automaton logs --changes`)
@@ -96,6 +99,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::execute(&home, &cli.overrides, args),
         Command::Status(args) => status::execute(&home, &cli.overrides, args),
         Command::Logs(args) => logs::execute(&home, args),
+        Command::Wallet(args) => wallet::execute(&home, args),
         Command::Heartbeat(args) => heartbeat::execute(&home, args),
         Command::Revert(args) => revert::execute(&home, args),
         Command::Skills(args) => skills::execute(&home, args),

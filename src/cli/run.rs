@@ -8,10 +8,13 @@ use anyhow::Context;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{self, RunOptions};
+use crate::agent::{self, RunOptions, Services};
 use crate::config::{env_overrides, Config, ConfigError, Override};
+use crate::control::{self, ControlContext};
 use crate::home::{AgentLock, Home, LockError};
+use crate::money::BudgetPolicy;
 use crate::state::Db;
+use crate::wallet::{Wallet, WalletError};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -48,15 +51,20 @@ pub fn execute(home: &Home, overrides: &[Override], args: RunArgs) -> anyhow::Re
         .thread_name("automaton")
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(run_agent(home, config, args));
+    let result = runtime.block_on(run_agent(home, config, args, overrides));
     // Blocking tasks (a command still running at cancel) must not keep the process alive for long.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     result
 }
 
-async fn run_agent(home: &Home, config: Config, args: RunArgs) -> anyhow::Result<()> {
+async fn run_agent(
+    home: &Home,
+    config: Config,
+    args: RunArgs,
+    overrides: &[Override],
+) -> anyhow::Result<()> {
     let db = Db::open(&home.db_path())?;
-    // Altered laws stop the agent before it thinks once.
+    // Altered laws stop the agent before it thinks once (or starts its node).
     crate::genesis::check_constitution(home, &db)?;
     if let Err(error) = crate::audit::record_hand_edits(home) {
         tracing::debug!(%error, "hand edits not recorded");
@@ -69,8 +77,26 @@ async fn run_agent(home: &Home, config: Config, args: RunArgs) -> anyhow::Result
         pid = std::process::id(),
         "automaton run holds the home"
     );
-    // The heartbeat runs beside the agent loop and stops after it.
-    let heartbeat_cancel = CancellationToken::new();
+    let budget = BudgetPolicy::from_home(db.clone(), &config, home, overrides.to_vec());
+    let wallet = open_wallet(home, &config, &db, &budget)?;
+    // The node and the control socket outlive the agent loop's last step, then stop after it.
+    let services_cancel = CancellationToken::new();
+    let wallet_task = wallet.as_ref().map(|w| w.spawn(services_cancel.clone()));
+    let control = Arc::new(ControlContext {
+        home: home.clone(),
+        config: Arc::new(config.clone()),
+        db: db.clone(),
+        budget,
+        wallet: wallet.clone(),
+    });
+    let control_task = match control::serve(home, control, services_cancel.clone()).await {
+        Ok(task) => Some(task),
+        Err(error) => {
+            tracing::error!(%error, "cannot serve the control socket; `automaton wallet` cannot reach this agent");
+            None
+        }
+    };
+    // The heartbeat runs beside the agent loop and stops with the other services after it.
     let heartbeat_task = tokio::spawn(
         crate::heartbeat::Scheduler::new(
             home.clone(),
@@ -78,12 +104,19 @@ async fn run_agent(home: &Home, config: Config, args: RunArgs) -> anyhow::Result
             Arc::new(crate::heartbeat::SystemClock),
             crate::heartbeat::TaskRegistry::builtin(),
         )
-        .run(heartbeat_cancel.clone()),
+        .run(services_cancel.clone()),
     );
     let options = RunOptions { turns: args.turns };
-    let outcome = agent::run(home, &config, db, options, cancel).await;
-    heartbeat_cancel.cancel();
+    let services = Services { wallet };
+    let outcome = agent::run_with_services(home, &config, db, services, options, cancel).await;
+    services_cancel.cancel();
     let _ = heartbeat_task.await;
+    if let Some(task) = control_task {
+        let _ = task.await;
+    }
+    if let Some(task) = wallet_task {
+        let _ = task.await;
+    }
     let summary = outcome?;
     tracing::info!(
         turns = summary.turns,
@@ -92,6 +125,36 @@ async fn run_agent(home: &Home, config: Config, args: RunArgs) -> anyhow::Result
         "automaton run finished"
     );
     Ok(())
+}
+
+/// The wallet of the home. A home set up before wallets existed runs without one (and says how to add it); an
+/// unreadable or exposed `wallet.json` stops the run: the agent must not run with its keys in doubt.
+fn open_wallet(
+    home: &Home,
+    config: &Config,
+    db: &Db,
+    budget: &BudgetPolicy,
+) -> anyhow::Result<Option<Wallet>> {
+    match Wallet::open(home, config, db.clone(), budget.clone()) {
+        Ok(wallet) => {
+            crate::wallet::record_identity(
+                db,
+                wallet.node_id(),
+                &wallet.npub(),
+                &config.wallet.network,
+            )?;
+            tracing::info!(node_id = %wallet.node_id(), npub = %wallet.npub(), "wallet opened");
+            Ok(Some(wallet))
+        }
+        Err(WalletError::NoWallet { path }) => {
+            tracing::warn!(
+                path = %path.display(),
+                "this agent has no wallet; `automaton setup --reconfigure` creates one"
+            );
+            Ok(None)
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// SIGINT/SIGTERM cancel the agent, which finishes its current step and returns; a second signal exits at once.

@@ -52,6 +52,9 @@ pub struct SetupArgs {
     /// The offline world's lab.json (or its directory): network, chain, LSP and the scripted model
     #[arg(long, value_name = "DIR/lab.json")]
     lab: Option<PathBuf>,
+    /// Restore the wallet from this file (BIP39 words, or a wallet.json backup) instead of creating a new one
+    #[arg(long, value_name = "FILE")]
+    mnemonic_file: Option<PathBuf>,
 }
 
 fn parse_kind(s: &str) -> Result<InferenceKind, String> {
@@ -83,6 +86,7 @@ pub fn execute(home: &Home, overrides: &[Override], args: SetupArgs) -> anyhow::
         config_from: args.config_from,
         lab,
         overrides: overrides.to_vec(),
+        mnemonic_file: args.mnemonic_file,
     };
     let outcome = setup::run(home, &request)?;
     for warning in &outcome.warnings {
@@ -105,10 +109,56 @@ pub fn execute(home: &Home, overrides: &[Override], args: SetupArgs) -> anyhow::
     if let Some(url) = &config.http.public_url {
         println!("  HTTP face   {url}");
     }
-    println!("  wallet      not set up yet");
+    let wallet = &outcome.wallet;
+    println!(
+        "  node id     {} ({})",
+        wallet.node_id, config.wallet.network
+    );
+    println!("  npub        {}", wallet.npub);
+    println!("  wallet      {} (mode 0600)", wallet.path.display());
+    if wallet.created {
+        show_backup(wallet, args.yes);
+    }
     if !outcome.reconfigured {
         let home_flag = format!(" --home {}", home.root().display());
         println!("Start it with: automaton{home_flag} run");
     }
     Ok(())
+}
+
+/// The backup warning, and — only for a newly generated wallet, in the interactive wizard, on a terminal — the
+/// words themselves, this once. Scripts and logs never see them.
+fn show_backup(wallet: &crate::wallet::IdentitySetup, yes: bool) {
+    use std::io::IsTerminal;
+    let on_terminal = std::io::stdout().is_terminal();
+    if wallet.generated && !yes && on_terminal {
+        let words = wallet.identity.phrase();
+        println!();
+        println!("  Write down these words now. They are the only way to recover this agent's money and identity,");
+        println!(
+            "  and they will not be shown again (they stay in {}):",
+            wallet.path.display()
+        );
+        println!();
+        for (i, chunk) in words
+            .expose()
+            .split(' ')
+            .collect::<Vec<_>>()
+            .chunks(6)
+            .enumerate()
+        {
+            let line: Vec<String> = chunk
+                .iter()
+                .enumerate()
+                .map(|(j, w)| format!("{:>2}. {w:<9}", i * 6 + j + 1))
+                .collect();
+            println!("    {}", line.join(" "));
+        }
+        println!();
+    } else {
+        println!(
+            "  Back up {}: its mnemonic is the only way to recover this agent's money and identity.",
+            wallet.path.display()
+        );
+    }
 }

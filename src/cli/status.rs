@@ -5,6 +5,8 @@ use serde::Serialize;
 
 use crate::config::{env_overrides, Config, ConfigError, Override};
 use crate::home::{AgentLock, Home};
+use rusqlite::OptionalExtension;
+
 use crate::state::{history, Db};
 
 #[derive(Debug, Args)]
@@ -17,6 +19,11 @@ pub struct StatusArgs {
 #[derive(Debug, Serialize)]
 struct StatusReport {
     name: String,
+    /// The Lightning node id: the agent's identity (recorded at setup; no node needed).
+    node_id: Option<String>,
+    npub: Option<String>,
+    /// Last known spendable balance (Lightning + on-chain), as the running wallet last recorded it.
+    balance_sats: Option<u64>,
     home: String,
     running: bool,
     pid: Option<u32>,
@@ -50,8 +57,15 @@ struct InferenceStatus {
 
 #[derive(Debug, Serialize)]
 struct WalletStatus {
+    /// `ready` (wallet.json present) or `not_set_up`.
     status: &'static str,
     network: String,
+    node_id: Option<String>,
+    npub: Option<String>,
+    balance_sats: Option<u64>,
+    /// When the balance was last recorded.
+    balance_at: Option<String>,
+    frozen: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,6 +87,13 @@ pub fn execute(home: &Home, overrides: &[Override], args: StatusArgs) -> anyhow:
     };
     let pid = AgentLock::holder(home)?;
 
+    let money = if home.db_path().exists() {
+        let db = Db::open(&home.db_path())?;
+        db.call_blocking(read_money)?
+    } else {
+        MoneyFacts::default()
+    };
+    let has_wallet = home.wallet_path().exists();
     let (totals, last_turn, pending_wake_events, sleep) = if home.db_path().exists() {
         let db = Db::open(&home.db_path())?;
         db.call_blocking(|conn| {
@@ -124,6 +145,9 @@ pub fn execute(home: &Home, overrides: &[Override], args: StatusArgs) -> anyhow:
 
     let report = StatusReport {
         name: config.name.clone(),
+        node_id: money.node_id.clone(),
+        npub: money.npub.clone(),
+        balance_sats: money.balance_sats,
         home: home.root().display().to_string(),
         running: pid.is_some(),
         pid: pid.flatten(),
@@ -140,10 +164,15 @@ pub fn execute(home: &Home, overrides: &[Override], args: StatusArgs) -> anyhow:
         compute_provider: config.compute.provider.clone(),
         creator: config.creator.clone(),
         http: config.http.clone(),
-        tier: None,
+        tier: has_wallet.then(|| money.tier.clone()),
         wallet: WalletStatus {
-            status: "not_set_up",
+            status: if has_wallet { "ready" } else { "not_set_up" },
             network: config.wallet.network.clone(),
+            node_id: money.node_id,
+            npub: money.npub,
+            balance_sats: money.balance_sats,
+            balance_at: money.balance_at,
+            frozen: money.frozen,
         },
         limits: config.limits.clone(),
         totals,
@@ -238,8 +267,28 @@ fn human(r: &StatusReport) -> String {
     if r.pending_wake_events > 0 {
         line("wake events", format!("{} pending", r.pending_wake_events));
     }
-    line("wallet", format!("not set up ({})", r.wallet.network));
-    line("tier", "unknown (no wallet yet)".to_string());
+    match (r.wallet.status, &r.wallet.node_id) {
+        ("ready", Some(node_id)) => {
+            line("node id", format!("{node_id} ({})", r.wallet.network));
+            if let Some(npub) = &r.wallet.npub {
+                line("npub", npub.clone());
+            }
+            let mut balance = match (r.wallet.balance_sats, &r.wallet.balance_at) {
+                (Some(sats), Some(at)) => format!("{sats} sats (as of {at})"),
+                (Some(sats), None) => format!("{sats} sats"),
+                _ => "unknown (the node has not reported one yet)".to_string(),
+            };
+            if r.wallet.frozen {
+                balance.push_str("; FROZEN: every payment is refused");
+            }
+            line("balance", balance);
+            line("tier", r.tier.clone().unwrap_or_else(|| "normal".into()));
+        }
+        _ => {
+            line("wallet", format!("not set up ({})", r.wallet.network));
+            line("tier", "unknown (no wallet yet)".to_string());
+        }
+    }
     let l = &r.limits;
     line(
         "limits",
@@ -249,4 +298,34 @@ fn human(r: &StatusReport) -> String {
         ),
     );
     out
+}
+
+/// What the state DB knows about the wallet and its money.
+#[derive(Debug, Default)]
+struct MoneyFacts {
+    node_id: Option<String>,
+    npub: Option<String>,
+    balance_sats: Option<u64>,
+    balance_at: Option<String>,
+    tier: String,
+    frozen: bool,
+}
+
+fn read_money(conn: &mut rusqlite::Connection) -> rusqlite::Result<MoneyFacts> {
+    use crate::money::tiers;
+    let balance: Option<(String, String)> = conn
+        .query_row(
+            "SELECT value, updated_at FROM kv WHERE key = ?1",
+            [tiers::BALANCE_KEY],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(MoneyFacts {
+        node_id: history::kv_get(conn, crate::wallet::NODE_ID_KEY)?,
+        npub: history::kv_get(conn, crate::wallet::NPUB_KEY)?,
+        balance_sats: balance.as_ref().and_then(|(v, _)| v.parse().ok()),
+        balance_at: balance.map(|(_, at)| at),
+        tier: tiers::tier_of(conn)?.as_str().to_string(),
+        frozen: crate::money::frozen_state(conn)?.is_some(),
+    })
 }

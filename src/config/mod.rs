@@ -401,6 +401,22 @@ pub struct WalletConfig {
     pub esplora_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lsp: Option<LspConfig>,
+    /// `HOST:PORT` the node accepts Lightning peers on; unset = outbound only (it reaches the LSP itself).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Most the LSP may take for opening a JIT channel, per million of the amount received…
+    pub lsp_max_fee_ppm: u64,
+    /// …but never less than this (an LSP's minimum opening fee).
+    pub lsp_max_fee_min_sats: u64,
+    /// Default routing-fee limit of a payment, per million of its amount…
+    pub max_fee_ppm: u64,
+    /// …but never less than this.
+    pub max_fee_min_sats: u64,
+    /// Fee reserved (and allowed) for an on-chain send.
+    pub onchain_max_fee_sats: u64,
+    pub invoice_expiry_secs: u32,
+    /// How long `wallet pay` waits for a payment to end before reporting it still in flight.
+    pub payment_timeout_secs: u64,
 }
 
 impl Default for WalletConfig {
@@ -409,6 +425,14 @@ impl Default for WalletConfig {
             network: "bitcoin".to_string(),
             esplora_url: None,
             lsp: None,
+            listen: None,
+            lsp_max_fee_ppm: 20_000,
+            lsp_max_fee_min_sats: 2_000,
+            max_fee_ppm: 10_000,
+            max_fee_min_sats: 10,
+            onchain_max_fee_sats: 5_000,
+            invoice_expiry_secs: 3_600,
+            payment_timeout_secs: 90,
         }
     }
 }
@@ -912,6 +936,23 @@ impl Config {
             check("wallet.lsp.node_id", validate_node_id(&lsp.node_id));
             check("wallet.lsp.address", not_empty(&lsp.address));
         }
+        if network == "regtest" && self.wallet.esplora_url.is_none() {
+            check(
+                "wallet.esplora_url",
+                Err("regtest has no public chain source: set wallet.esplora_url (setup --lab does)".to_string()),
+            );
+        }
+        if let Some(listen) = &self.wallet.listen {
+            check("wallet.listen", not_empty(listen));
+        }
+        check(
+            "wallet.invoice_expiry_secs",
+            at_least_one(self.wallet.invoice_expiry_secs.into()),
+        );
+        check(
+            "wallet.payment_timeout_secs",
+            at_least_one(self.wallet.payment_timeout_secs),
+        );
         if let Some(npub) = &self.creator.npub {
             check("creator.npub", validate_npub(npub));
         }

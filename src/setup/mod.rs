@@ -48,6 +48,8 @@ pub struct SetupRequest {
     pub config_from: Option<PathBuf>,
     pub lab: Option<PathBuf>,
     pub overrides: Vec<Override>,
+    /// Restore the wallet from this file (the mnemonic words, or a `wallet.json` backup) instead of generating one.
+    pub mnemonic_file: Option<PathBuf>,
 }
 
 /// What setup did, for the closing summary.
@@ -57,6 +59,8 @@ pub struct SetupOutcome {
     pub reconfigured: bool,
     pub git: git::GitOutcome,
     pub warnings: Vec<String>,
+    /// The agent's wallet: node id, npub, and whether setup just created it.
+    pub wallet: crate::wallet::IdentitySetup,
 }
 
 /// Runs setup on `home`. Interactive unless `request.yes`.
@@ -125,6 +129,24 @@ pub fn run(home: &Home, request: &SetupRequest) -> anyhow::Result<SetupOutcome> 
         given.note_key(&o.key);
     }
 
+    // Read (and check) a restore file before anything is written: bad input loses nothing.
+    let restored = match &request.mnemonic_file {
+        Some(path) => Some(crate::wallet::Identity::from_restore_file(path)?),
+        None => None,
+    };
+    if let Some(restored) = &restored {
+        if home.wallet_path().exists() {
+            let existing = crate::wallet::Identity::load(&home.wallet_path())?;
+            if existing.node_id() != restored.node_id() {
+                bail!(
+                    "{} already holds a different wallet; setup never replaces a wallet (move it away first if you \
+                     really mean to); nothing was written",
+                    home.wallet_path().display()
+                );
+            }
+        }
+    }
+
     let mut genesis = match &request.genesis {
         Some(GenesisSource::Text(text)) => Some(check_genesis(text.clone())?),
         Some(GenesisSource::File(path)) => {
@@ -168,7 +190,7 @@ pub fn run(home: &Home, request: &SetupRequest) -> anyhow::Result<SetupOutcome> 
         .map_err(|err| anyhow::anyhow!("{err}; nothing was written"))?;
     let warnings = check_secrets(&resolved)?;
 
-    write_home(home, &config, genesis.as_deref(), existing)?;
+    let wallet = write_home(home, &config, genesis.as_deref(), existing, restored)?;
     let message = if existing {
         format!("reconfigure {}", config.name)
     } else {
@@ -183,6 +205,7 @@ pub fn run(home: &Home, request: &SetupRequest) -> anyhow::Result<SetupOutcome> 
         reconfigured: existing,
         git,
         warnings,
+        wallet,
     })
 }
 
@@ -385,7 +408,8 @@ fn write_home(
     config: &Config,
     genesis: Option<&str>,
     existing: bool,
-) -> anyhow::Result<()> {
+    restored: Option<crate::wallet::Identity>,
+) -> anyhow::Result<crate::wallet::IdentitySetup> {
     let root = home.root();
     std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
     if !existing {
@@ -422,12 +446,15 @@ fn write_home(
             write_new(&dir.join("SKILL.md"), text, 0o644)?;
         }
     }
+    // The wallet comes before the config: a rerun of an interrupted setup finds and keeps it.
+    let wallet = crate::wallet::identity::ensure(&home.wallet_path(), restored)?;
     let db = Db::open(&home.db_path())?;
     // Records the constitution's hash (a new home) or checks it (reconfigure): `run` refuses altered laws.
     crate::genesis::check_constitution(home, &db)?;
+    crate::wallet::record_identity(&db, &wallet.node_id, &wallet.npub, &config.wallet.network)?;
     // Written last: its presence is what marks the home as set up, so an interrupted setup can simply rerun.
     config.write(home)?;
-    Ok(())
+    Ok(wallet)
 }
 
 fn write_new(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {

@@ -144,6 +144,8 @@ pub struct ToolContext {
     pub protected: ProtectedPaths,
     /// When this `automaton run` started (for uptime).
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// The agent's Lightning wallet (`None` in a home without one); the money tools use it.
+    pub wallet: Option<crate::wallet::Wallet>,
     /// The home's skills (the prompt and the skill tools share the cache).
     pub skills: crate::skills::Library,
     /// The turn now running (set by the agent loop each turn); named in audit commits of self-changes.

@@ -5,6 +5,7 @@ mod files;
 pub mod schedule;
 mod sleep;
 mod synopsis;
+pub mod wallet;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
