@@ -687,3 +687,260 @@ pub async fn set_body_hashes(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::{BudgetPolicy, SpendRequest};
+
+    fn sample() -> Receipt {
+        Receipt {
+            id: "01HZX0000000000000000000AA".into(),
+            direction: Direction::Out,
+            rail: Rail::Bolt11,
+            amount_msat: 21_000,
+            fee_msat: 12,
+            counterparty: Some("02abc".into()),
+            purpose: Some("api call \"quoted\"".into()),
+            payment_hash: "66".repeat(32),
+            preimage: Some(Preimage::new([9; 32])),
+            preimage_sha256: Some("66".repeat(32)),
+            request_hash: None,
+            response_hash: None,
+            status: ReceiptStatus::Succeeded,
+            created_at: "2025-01-02T03:04:05.678Z".into(),
+            settled_at: Some("2025-01-02T03:04:06.000Z".into()),
+            signature: Some("d9abc".into()),
+            permit_id: Some("01HZX0000000000000000000BB".into()),
+            comment: None,
+            meta: serde_json::json!({"z": 1, "a": {"y": [2, {"c": 3, "b": 4}], "x": null}}),
+        }
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_recursively_without_whitespace() {
+        let v = serde_json::json!({"b": 1, "a": [true, {"d": "x y", "c": null}], "é": "\n"});
+        assert_eq!(
+            canonical_json(&v),
+            r#"{"a":[true,{"c":null,"d":"x y"}],"b":1,"é":"\n"}"#
+        );
+    }
+
+    #[test]
+    fn signing_bytes_are_prefix_plus_canonical_json_without_signature() {
+        let r = sample();
+        let bytes = signing_bytes(&r);
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let expected = format!(
+            "automaton-ln/receipt/v1\n{{\"amount_msat\":21000,\"comment\":null,\"counterparty\":\"02abc\",\
+             \"created_at\":\"2025-01-02T03:04:05.678Z\",\"direction\":\"out\",\"fee_msat\":12,\
+             \"id\":\"01HZX0000000000000000000AA\",\"meta\":{{\"a\":{{\"x\":null,\"y\":[2,{{\"b\":4,\"c\":3}}]}},\"z\":1}},\
+             \"payment_hash\":\"{h}\",\"permit_id\":\"01HZX0000000000000000000BB\",\"preimage_sha256\":\"{h}\",\
+             \"purpose\":\"api call \\\"quoted\\\"\",\"rail\":\"bolt11\",\"request_hash\":null,\"response_hash\":null,\
+             \"settled_at\":\"2025-01-02T03:04:06.000Z\",\"status\":\"succeeded\"}}",
+            h = "66".repeat(32)
+        );
+        assert_eq!(text, expected);
+        // The signature is not part of what it signs; everything else is.
+        let mut unsigned = r.clone();
+        unsigned.signature = None;
+        assert_eq!(signing_bytes(&unsigned), bytes);
+        let mut changed = r.clone();
+        changed.amount_msat += 1;
+        assert_ne!(signing_bytes(&changed), bytes);
+    }
+
+    #[test]
+    fn preimage_is_never_printed() {
+        let r = sample();
+        let secret = hex(&[9; 32]);
+        assert!(!format!("{r:?}").contains(&secret));
+        assert!(!r.to_json().to_string().contains(&secret));
+        assert!(!String::from_utf8(signing_bytes(&r))
+            .unwrap()
+            .contains(&secret));
+    }
+
+    #[test]
+    fn json_roundtrip_gives_the_same_signing_bytes_and_rejects_extra_fields() {
+        let r = sample();
+        let text = serde_json::to_string_pretty(&r.to_json()).unwrap();
+        let back = from_json(&text).unwrap();
+        assert_eq!(signing_bytes(&back), signing_bytes(&r));
+        assert_eq!(back.signature.as_deref(), Some("d9abc"));
+        let mut v = r.to_json();
+        v["preimage"] = serde_json::json!("00");
+        assert!(from_json(&v.to_string()).is_err());
+        assert!(from_json("not json").is_err());
+    }
+
+    fn policy() -> BudgetPolicy {
+        BudgetPolicy::new(Db::open_in_memory().unwrap(), Default::default())
+    }
+
+    fn spend(sats: u64) -> SpendRequest {
+        SpendRequest {
+            amount_msat: sats * 1000,
+            max_fee_msat: 1000,
+            rail: Rail::Bolt11,
+            purpose: "test".into(),
+            counterparty: Some("02ee".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn outgoing_lifecycle_and_no_double_payment() {
+        let p = policy();
+        let preimage = [3u8; 32];
+        let hash = Preimage::new(preimage).sha256_hex();
+        let permit = p.authorize(spend(10), None).await.unwrap();
+        let r = record_pending_out(p.db(), &permit, &hash).await.unwrap();
+        assert_eq!((r.status, r.amount_msat), (ReceiptStatus::Pending, 10_000));
+        // Same permit again: the same receipt.
+        assert_eq!(
+            record_pending_out(p.db(), &permit, &hash).await.unwrap().id,
+            r.id
+        );
+        // Another permit for the same hash while in flight: refused.
+        let other = p.authorize(spend(10), None).await.unwrap();
+        assert!(matches!(
+            record_pending_out(p.db(), &other, &hash).await,
+            Err(MoneyError::AlreadyInFlight { .. })
+        ));
+        // A wrong preimage is not proof.
+        assert!(matches!(
+            mark_succeeded(p.db(), &hash, Direction::Out, [4; 32], 5).await,
+            Err(MoneyError::PreimageMismatch { .. })
+        ));
+        let done = mark_succeeded(p.db(), &hash, Direction::Out, preimage, 5)
+            .await
+            .unwrap();
+        assert_eq!(done.status, ReceiptStatus::Succeeded);
+        assert_eq!(done.payment_proof(), Some(hash.as_str()));
+        assert_eq!(done.fee_msat, 5);
+        // Twice is the same.
+        let again = mark_succeeded(p.db(), &hash, Direction::Out, preimage, 5)
+            .await
+            .unwrap();
+        assert_eq!(again, done);
+        // A late failure does not undo proof of payment.
+        let still = mark_failed(p.db(), &hash, Direction::Out, Some("late"))
+            .await
+            .unwrap();
+        assert_eq!(still.status, ReceiptStatus::Succeeded);
+        // Paying the same invoice again is refused.
+        assert!(matches!(
+            record_pending_out(p.db(), &other, &hash).await,
+            Err(MoneyError::AlreadyPaid { .. })
+        ));
+        p.release(other).await.unwrap();
+        p.settle(permit, 10_000, 5).await.unwrap();
+        let snap = p.snapshot().await.unwrap();
+        assert_eq!((snap.in_flight_sats, snap.spent_hour_sats), (0, 11));
+    }
+
+    #[tokio::test]
+    async fn failed_payment_releases_and_can_be_retried() {
+        let p = policy();
+        let hash = "ab".repeat(32);
+        let first = p.authorize(spend(10), None).await.unwrap();
+        record_pending_out(p.db(), &first, &hash).await.unwrap();
+        let failed = mark_failed(p.db(), &hash, Direction::Out, Some("no route"))
+            .await
+            .unwrap();
+        assert_eq!(failed.status, ReceiptStatus::Failed);
+        assert_eq!(failed.comment.as_deref(), Some("no route"));
+        assert_eq!(p.snapshot().await.unwrap().spent_hour_sats, 0);
+        let second = p.authorize(spend(10), None).await.unwrap();
+        let retry = record_pending_out(p.db(), &second, &hash).await.unwrap();
+        assert_eq!(retry.id, failed.id);
+        assert_eq!(retry.status, ReceiptStatus::Pending);
+        assert_eq!(retry.permit_id.as_deref(), Some(second.id()));
+    }
+
+    #[tokio::test]
+    async fn incoming_is_idempotent_and_keeps_the_invoice_purpose() {
+        let db = Db::open_in_memory().unwrap();
+        let preimage = [5u8; 32];
+        let hash = Preimage::new(preimage).sha256_hex();
+        let pending = record_pending_in(
+            &db,
+            IncomingInvoice {
+                payment_hash: hash.clone(),
+                amount_msat: Some(50_000),
+                purpose: Some("funding".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(pending.status, ReceiptStatus::Pending);
+        let payment = IncomingPayment {
+            payment_hash: hash.clone(),
+            amount_msat: 50_000,
+            preimage: Some(preimage),
+            rail: Rail::Bolt11,
+            counterparty: None,
+            purpose: Some("other".into()),
+            comment: Some("thanks".into()),
+            meta: None,
+        };
+        let got = record_incoming(&db, payment.clone()).await.unwrap();
+        assert_eq!(got.id, pending.id);
+        assert_eq!(got.status, ReceiptStatus::Succeeded);
+        assert_eq!(got.purpose.as_deref(), Some("funding"));
+        assert_eq!(got.payment_proof(), Some(hash.as_str()));
+        set_signature(&db, &got.id, "sig").await.unwrap();
+        let twice = record_incoming(&db, payment).await.unwrap();
+        assert_eq!(
+            twice.signature.as_deref(),
+            Some("sig"),
+            "a duplicate event changes nothing"
+        );
+        let all = list(&db, ReceiptFilter::default()).await.unwrap();
+        assert_eq!(all.len(), 1);
+        let bad = IncomingPayment {
+            payment_hash: "00".repeat(32),
+            amount_msat: 1,
+            preimage: Some([1; 32]),
+            rail: Rail::Keysend,
+            counterparty: None,
+            purpose: None,
+            comment: None,
+            meta: None,
+        };
+        assert!(matches!(
+            record_incoming(&db, bad).await,
+            Err(MoneyError::PreimageMismatch { .. })
+        ));
+        assert!(matches!(
+            get_by_hash(&db, "xyz", Direction::In).await,
+            Err(MoneyError::Invalid { .. })
+        ));
+    }
+}
+
+/// Merges `extra` into a receipt's `meta` object (an L402 call's URL, method and status). Clears the signature,
+/// like every change to a receipt: the wallet signs it again.
+pub async fn merge_meta(db: &Db, id: &str, extra: Value) -> Result<(), MoneyError> {
+    let id = id.to_string();
+    db.call(move |c| {
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let current: Option<String> = tx
+            .query_row("SELECT meta FROM receipts WHERE id = ?1", [&id], |r| r.get(0))
+            .optional()?;
+        if let Some(current) = current {
+            let mut meta: Value = serde_json::from_str(&current).unwrap_or_else(|_| empty_object());
+            if let (Value::Object(target), Value::Object(add)) = (&mut meta, extra) {
+                target.extend(add);
+            }
+            tx.execute(
+                "UPDATE receipts SET meta = ?2, signature = NULL WHERE id = ?1",
+                params![id, canonical_json(&meta)],
+            )?;
+        }
+        tx.commit()
+    })
+    .await?;
+    Ok(())
+}

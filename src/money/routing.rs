@@ -166,3 +166,151 @@ pub fn wire_agent(
     let registry = registry.with_policy(Box::new(TierToolPolicy::new(db.clone())));
     (registry, Arc::new(router))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::{Message, StopReason, Usage};
+    use crate::money::tiers::{TierThresholds, TIER_KEY};
+
+    /// Answers every call itself and counts them (stands for the configured model).
+    struct Fixed(std::sync::atomic::AtomicU32);
+
+    #[async_trait]
+    impl InferenceProvider for Fixed {
+        async fn complete(&self, _request: &ChatRequest) -> Result<Completion, InferenceError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(Completion {
+                text: Some("default".into()),
+                tool_calls: vec![],
+                usage: Usage::default(),
+                stop_reason: StopReason::Stop,
+                model: "default-model".into(),
+            })
+        }
+    }
+
+    fn request() -> ChatRequest {
+        ChatRequest {
+            system: "s".into(),
+            messages: vec![Message::User {
+                content: "hi".into(),
+            }],
+            tools: vec![],
+            max_tokens: 10,
+        }
+    }
+
+    fn set_tier(db: &Db, tier: SurvivalTier) {
+        db.call_blocking(move |c| {
+            c.execute(
+                "INSERT INTO kv (key, value, updated_at) VALUES (?1, ?2, 'now') \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [TIER_KEY, tier.as_str()],
+            )
+        })
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_model_follows_the_tier_and_dead_does_not_think() {
+        let server = wiremock::MockServer::start().await;
+        wiremock::Mock::given(wiremock::matchers::method("POST"))
+            .and(wiremock::matchers::body_partial_json(serde_json::json!({"model": "cheap"})))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_string(
+                r#"{"id":"x","object":"chat.completion","created":1,"model":"cheap","choices":[{"index":0,"message":{"role":"assistant","content":"routed"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+            ))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let db = Db::open_in_memory().unwrap();
+        let mut config = InferenceConfig {
+            base_url: server.uri(),
+            model: "default-model".into(),
+            ..InferenceConfig::default()
+        };
+        config.tier_models.low_compute = Some("cheap".into());
+        let fixed = Arc::new(Fixed(Default::default()));
+        let router = TierRouter::new(db.clone(), config, None, fixed.clone(), None);
+
+        let c = router.complete(&request()).await.unwrap();
+        assert_eq!(c.text.as_deref(), Some("default"), "no tier stored: normal");
+        set_tier(&db, SurvivalTier::LowCompute);
+        assert_eq!(router.complete(&request()).await.unwrap().model, "cheap");
+        set_tier(&db, SurvivalTier::Critical);
+        assert_eq!(router.complete(&request()).await.unwrap().model, "cheap");
+        set_tier(&db, SurvivalTier::Dead);
+        let err = router.complete(&request()).await.unwrap_err();
+        assert!(
+            matches!(err, InferenceError::PaymentRequired { .. }),
+            "{err:?}"
+        );
+        set_tier(&db, SurvivalTier::High);
+        router.complete(&request()).await.unwrap();
+        assert_eq!(fixed.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn spent_inference_budget_stops_calls() {
+        let db = Db::open_in_memory().unwrap();
+        let limits = crate::config::LimitsConfig {
+            inference_daily_sats: Some(10),
+            tiers: TierThresholds::default(),
+            ..Default::default()
+        };
+        let fixed = Arc::new(Fixed(Default::default()));
+        let router = TierRouter::new(
+            db.clone(),
+            InferenceConfig::default(),
+            None,
+            fixed.clone(),
+            Some(BudgetPolicy::new(db.clone(), limits)),
+        );
+        router.complete(&request()).await.unwrap();
+        db.call_blocking(|c| {
+            c.execute(
+                "INSERT INTO inference_calls (id, provider, model, cost_sats, duration_ms, created_at) \
+                 VALUES ('a', 'openai', 'm', 10, 1, ?1)",
+                [crate::state::now_rfc3339()],
+            )
+        })
+        .unwrap();
+        let err = router.complete(&request()).await.unwrap_err();
+        assert!(
+            err.to_string().contains("daily inference cap of 10 sats"),
+            "{err}"
+        );
+        assert_eq!(fixed.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn dangerous_tools_are_off_in_critical_and_dead() {
+        let db = Db::open_in_memory().unwrap();
+        let policy = TierToolPolicy::new(db.clone());
+        let def = |risk| ToolDef {
+            name: "pay_invoice",
+            description: "",
+            parameters: serde_json::json!({}),
+            risk,
+            read_only: false,
+        };
+        let dangerous = def(crate::tools::Risk::Dangerous);
+        let caution = def(crate::tools::Risk::Caution);
+        let check = |d: &ToolDef, a| policy.check(d, &Value::Null, a);
+        assert_eq!(check(&dangerous, Authority::Agent), Decision::Allow);
+        assert!(matches!(
+            check(&dangerous, Authority::External),
+            Decision::Deny(_)
+        ));
+        for tier in [SurvivalTier::Critical, SurvivalTier::Dead] {
+            set_tier(&db, tier);
+            assert!(
+                matches!(check(&dangerous, Authority::Agent), Decision::Deny(r) if r.contains(tier.as_str()))
+            );
+            assert_eq!(check(&dangerous, Authority::Creator), Decision::Allow);
+            assert_eq!(check(&caution, Authority::Agent), Decision::Allow);
+        }
+        set_tier(&db, SurvivalTier::LowCompute);
+        assert_eq!(check(&dangerous, Authority::Agent), Decision::Allow);
+    }
+}

@@ -352,3 +352,177 @@ pub fn update_tier_at(
         resurrected,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::InferenceConfig;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+    }
+
+    #[test]
+    fn tier_table() {
+        use SurvivalTier::*;
+        let t = TierThresholds::default();
+        let grace = t.dead_grace_secs as i64;
+        // (balance, burn/day, ever funded, zero since (secs before now), expected)
+        let cases: Vec<(Option<u64>, u64, bool, Option<i64>, SurvivalTier)> = vec![
+            (None, 0, true, None, Normal),
+            (None, 0, false, None, Normal),
+            (Some(0), 0, false, None, Critical),
+            (Some(0), 0, true, None, Critical),
+            (Some(0), 0, true, Some(grace - 1), Critical),
+            (Some(0), 0, true, Some(grace), Dead),
+            (Some(0), 0, false, Some(grace * 10), Critical),
+            (Some(1), 0, true, None, Critical),
+            (Some(4_999), 0, true, None, Critical),
+            (Some(5_000), 0, true, None, LowCompute),
+            (Some(19_999), 0, true, None, LowCompute),
+            (Some(20_000), 0, true, None, Normal),
+            (Some(999_999), 0, true, None, Normal),
+            (Some(1_000_000), 0, true, None, High),
+            // Runway: under a week rules out high; under a day lowers one tier (never below critical).
+            (Some(1_000_000), 100_000, true, None, High),
+            (Some(1_000_000), 200_000, true, None, Normal),
+            (Some(1_000_000), 2_000_000, true, None, LowCompute),
+            (Some(50_000), 60_000, true, None, LowCompute),
+            (Some(50_000), 40_000, true, None, Normal),
+            (Some(10_000), 20_000, true, None, Critical),
+            (Some(1_000), 1_000_000, true, None, Critical),
+        ];
+        for (balance, burn, funded, zero, expected) in cases {
+            let inputs = TierInputs {
+                balance_sats: balance,
+                daily_burn_sats: burn,
+                ever_funded: funded,
+                zero_since: zero.map(|s| at(-s)),
+                now: at(0),
+            };
+            assert_eq!(compute_tier(&inputs, &t), expected, "{inputs:?}");
+        }
+    }
+
+    #[test]
+    fn multipliers_and_card_words() {
+        let m: Vec<f64> = SurvivalTier::ALL
+            .iter()
+            .map(|t| heartbeat_multiplier(*t))
+            .collect();
+        assert!(
+            m.windows(2).all(|w| w[0] <= w[1]),
+            "worse tiers never beat faster: {m:?}"
+        );
+        assert_eq!(heartbeat_multiplier(SurvivalTier::Normal), 1.0);
+        let words: Vec<&str> = SurvivalTier::ALL.iter().map(|t| card_status(*t)).collect();
+        assert_eq!(words, ["alive", "alive", "low", "critical", "dead"]);
+        for t in SurvivalTier::ALL {
+            assert_eq!(t.as_str().parse::<SurvivalTier>(), Ok(t));
+            assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{t}\""));
+        }
+    }
+
+    #[test]
+    fn model_routing_falls_back_towards_the_default() {
+        let mut c = InferenceConfig {
+            model: "big".into(),
+            ..InferenceConfig::default()
+        };
+        for t in SurvivalTier::ALL {
+            assert_eq!(model_for_tier(&c, t), "big");
+        }
+        c.tier_models.low_compute = Some("small".into());
+        assert_eq!(model_for_tier(&c, SurvivalTier::Normal), "big");
+        assert_eq!(model_for_tier(&c, SurvivalTier::LowCompute), "small");
+        assert_eq!(model_for_tier(&c, SurvivalTier::Critical), "small");
+        assert_eq!(model_for_tier(&c, SurvivalTier::Dead), "small");
+        c.tier_models.critical = Some("tiny".into());
+        c.tier_models.high = Some("best".into());
+        assert_eq!(model_for_tier(&c, SurvivalTier::Critical), "tiny");
+        assert_eq!(model_for_tier(&c, SurvivalTier::Dead), "tiny");
+        assert_eq!(model_for_tier(&c, SurvivalTier::High), "best");
+    }
+
+    fn wake_events(db: &Db) -> Vec<String> {
+        db.call_blocking(|c| {
+            let mut s =
+                c.prepare("SELECT source || ': ' || reason FROM wake_events ORDER BY id")?;
+            let rows = s.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn draining_and_funding_walks_the_tiers_with_distress_and_resurrection() {
+        use SurvivalTier::*;
+        let db = Db::open_in_memory().unwrap();
+        let t = TierThresholds {
+            dead_grace_secs: 60,
+            ..TierThresholds::default()
+        };
+        let step = |balance: Option<u64>, secs: i64| {
+            db.call_blocking(|c| Ok(update_tier_at(c, balance, &t, at(secs))))
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(current_tier(&db), Normal, "unset reads as normal");
+        // Never funded: critical, but no distress.
+        let u = step(Some(0), 0);
+        assert_eq!((u.tier, u.distress), (Critical, false));
+        assert!(wake_events(&db).is_empty());
+        let u = step(Some(30_000), 1);
+        assert_eq!((u.tier, u.changed), (Normal, true));
+        assert_eq!(step(Some(30_000), 2).changed, false, "idempotent");
+        assert_eq!(step(Some(10_000), 3).tier, LowCompute);
+        assert_eq!(
+            step(None, 4).tier,
+            Normal,
+            "unknown balance counts as normal"
+        );
+        let u = step(Some(100), 5);
+        assert_eq!((u.tier, u.distress), (Critical, true));
+        let u = step(Some(0), 10);
+        assert_eq!((u.tier, u.distress, u.changed), (Critical, false, false));
+        assert_eq!(step(Some(0), 69).tier, Critical, "grace period not over");
+        let u = step(Some(0), 70);
+        assert_eq!((u.tier, u.distress), (Dead, true));
+        assert_eq!(current_tier(&db), Dead);
+        let u = step(Some(25_000), 80);
+        assert_eq!((u.tier, u.resurrected), (Normal, true));
+        let events = wake_events(&db);
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(events[0].starts_with("wallet: distress: survival tier is now critical"));
+        assert!(events[1].starts_with("wallet: distress: survival tier is now dead"));
+        assert!(events[2].starts_with("wallet: resurrected"));
+        // Zero again starts a fresh grace period.
+        assert_eq!(step(Some(0), 100).tier, Critical);
+        assert_eq!(step(Some(0), 150).tier, Critical);
+        assert_eq!(step(Some(0), 160).tier, Dead);
+    }
+
+    #[test]
+    fn burn_counts_settled_spend_and_priced_inference() {
+        let db = Db::open_in_memory().unwrap();
+        let now = at(0);
+        db.call_blocking(move |c| {
+            c.execute(
+                "INSERT INTO money_permits (id, rail, amount_msat, max_fee_msat, reserved_msat, purpose, state, \
+                 paid_msat, fee_msat, created_at) VALUES ('p', 'bolt11', 7000000, 0, 7000000, 'x', 'settled', \
+                 7000000, 0, ?1)",
+                [ts(now - chrono::Duration::days(3))],
+            )?;
+            c.execute(
+                "INSERT INTO inference_calls (id, provider, model, cost_sats, duration_ms, created_at) \
+                 VALUES ('i', 'openai', 'm', 300, 1, ?1)",
+                [ts(now - chrono::Duration::hours(1))],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        // Last 24 h: 300; 7-day average: (7000 + 300) / 7 → 1043.
+        let burn = db.call_blocking(move |c| daily_burn_sats(c, now)).unwrap();
+        assert_eq!(burn, 1043);
+    }
+}
