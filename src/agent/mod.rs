@@ -135,6 +135,12 @@ async fn run_inner(
             registry.register(tool)?;
         }
     }
+    // The Nostr tools only when there is a relay to talk to.
+    if !config.nostr.relays.is_empty() {
+        for tool in crate::tools::handlers::nostr::tools() {
+            registry.register(tool)?;
+        }
+    }
     let ctx = ToolContext {
         home: home.clone(),
         config: Arc::new(config.clone()),

@@ -6,6 +6,8 @@
 mod approvals;
 mod budget;
 mod heartbeat;
+mod card;
+mod discover;
 mod logs;
 mod revert;
 mod run;
@@ -54,6 +56,10 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Show recent turns and the tool calls they made
     Logs(logs::LogsArgs),
+    /// The agent's Nostr card (NIP-89): show it, publish it
+    Card(card::CardArgs),
+    /// Find other agents on Nostr (verified cards), or describe one by its URL
+    Discover(discover::DiscoverArgs),
     /// The agent's Lightning wallet: balance, invoices, payments, receipts
     Wallet(wallet::WalletArgs),
     /// The agent's schedule: list, add, remove, enable, disable or run heartbeat entries
@@ -99,6 +105,8 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::execute(&home, &cli.overrides, args),
         Command::Status(args) => status::execute(&home, &cli.overrides, args),
         Command::Logs(args) => logs::execute(&home, args),
+        Command::Card(args) => card::execute(&home, &cli.overrides, args),
+        Command::Discover(args) => discover::execute(&home, &cli.overrides, args),
         Command::Wallet(args) => wallet::execute(&home, args),
         Command::Heartbeat(args) => heartbeat::execute(&home, args),
         Command::Revert(args) => revert::execute(&home, args),

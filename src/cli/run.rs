@@ -106,6 +106,8 @@ async fn run_agent(
         )
         .run(services_cancel.clone()),
     );
+    // The Nostr presence (card, distress notes, outbox) runs beside the agent and never blocks it.
+    let presence = crate::nostr::presence::spawn(home, &config, db.clone(), cancel.clone());
     let options = RunOptions { turns: args.turns };
     let services = Services { wallet };
     let outcome = agent::run_with_services(home, &config, db, services, options, cancel).await;
@@ -118,6 +120,9 @@ async fn run_agent(
         let _ = task.await;
     }
     let summary = outcome?;
+    if let Some(presence) = presence {
+        presence.stop().await;
+    }
     tracing::info!(
         turns = summary.turns,
         tool_calls = summary.tool_calls,

@@ -80,6 +80,8 @@ impl TaskRegistry {
         let mut registry = TaskRegistry::default();
         registry.register(Arc::new(StatusRefresh));
         registry.register(Arc::new(WakeAgent));
+        registry.register(Arc::new(crate::nostr::tasks::PublishCard));
+        registry.register(Arc::new(crate::nostr::tasks::FlushOutbox));
         registry
     }
 

@@ -25,11 +25,20 @@ pub struct DistressSent {
     pub text: String,
 }
 
+/// What asks for the note.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// The status just became critical or dead.
+    Automatic,
+    /// The agent itself (tool `distress_signal`), possibly with its own words; allowed from `low` on.
+    Agent { message: Option<String> },
+}
+
 /// Why no note went out.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum NoDistress {
-    /// The status is not critical or dead.
+    /// The status is not one that asks for help (critical or dead; low too when the agent asks).
     NotInDistress { status: CardStatus },
     /// A note for this status went out at `last_at`, within the rate limit.
     RateLimited { last_at: String, next_at: String },
@@ -66,6 +75,7 @@ pub fn distress_text(
     status: CardStatus,
     facts: &MoneyFacts,
     amount_sats: u64,
+    message: Option<&str>,
 ) -> String {
     let mut text = format!(
         "{} needs funds: its survival status is {}",
@@ -86,6 +96,9 @@ pub fn distress_text(
     if let Some(node) = &identity.node_id {
         text.push_str(&format!(" Lightning node: {node}."));
     }
+    if let Some(message) = message.map(str::trim).filter(|m| !m.is_empty()) {
+        text.push_str(&format!("\n\n{message}"));
+    }
     text
 }
 
@@ -99,8 +112,13 @@ pub async fn signal(
     identity: &Identity,
     relays: &RelaySet,
     status: CardStatus,
+    trigger: Trigger,
 ) -> Result<Result<DistressSent, NoDistress>, NostrError> {
-    if !status.is_distress() {
+    let allowed = match trigger {
+        Trigger::Automatic => status.is_distress(),
+        Trigger::Agent { .. } => status != CardStatus::Alive,
+    };
+    if !allowed {
         return Ok(Err(NoDistress::NotInDistress { status }));
     }
     relays.require()?;
@@ -134,7 +152,11 @@ pub async fn signal(
         }
     }
     let amount_sats = day_of_runway_sats(&facts, config);
-    let text = distress_text(identity, status, &facts, amount_sats);
+    let message = match &trigger {
+        Trigger::Agent { message } => message.as_deref(),
+        Trigger::Automatic => None,
+    };
+    let text = distress_text(identity, status, &facts, amount_sats, message);
     let note = note_event(keys, &text, status)?;
     let dm = match (&config.creator.npub, config.nostr.distress_dm) {
         (Some(npub), true) => match super::parse_public_key(npub) {
@@ -237,9 +259,17 @@ mod tests {
         config.creator.npub = Some(super::super::npub(&Keys::generate().public_key()));
         let relays = RelaySet::parse(&["ws://127.0.0.1:9"]).unwrap();
 
-        let alive = signal(&db, &keys, &config, &identity(), &relays, CardStatus::Low)
-            .await
-            .unwrap();
+        let alive = signal(
+            &db,
+            &keys,
+            &config,
+            &identity(),
+            &relays,
+            CardStatus::Low,
+            Trigger::Automatic,
+        )
+        .await
+        .unwrap();
         assert!(matches!(alive, Err(NoDistress::NotInDistress { .. })));
         let newborn = signal(
             &db,
@@ -248,6 +278,7 @@ mod tests {
             &identity(),
             &relays,
             CardStatus::Critical,
+            Trigger::Automatic,
         )
         .await
         .unwrap();
@@ -262,6 +293,7 @@ mod tests {
             &identity(),
             &relays,
             CardStatus::Critical,
+            Trigger::Automatic,
         )
         .await
         .unwrap()
@@ -277,6 +309,7 @@ mod tests {
             &identity(),
             &relays,
             CardStatus::Critical,
+            Trigger::Automatic,
         )
         .await
         .unwrap();
@@ -285,19 +318,60 @@ mod tests {
             "{again:?}"
         );
         // Dying is news even right after critical.
-        let dead = signal(&db, &keys, &config, &identity(), &relays, CardStatus::Dead)
-            .await
-            .unwrap();
+        let dead = signal(
+            &db,
+            &keys,
+            &config,
+            &identity(),
+            &relays,
+            CardStatus::Dead,
+            Trigger::Automatic,
+        )
+        .await
+        .unwrap();
         assert!(dead.is_ok());
+        // The agent may ask from `low` on, in its own words, once per window too.
+        let asked = Trigger::Agent {
+            message: Some("Two paid jobs are waiting for compute.".into()),
+        };
+        let low = signal(
+            &db,
+            &keys,
+            &config,
+            &identity(),
+            &relays,
+            CardStatus::Low,
+            asked.clone(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(
+            low.text.ends_with("Two paid jobs are waiting for compute."),
+            "{}",
+            low.text
+        );
+        assert!(signal(
+            &db,
+            &keys,
+            &config,
+            &identity(),
+            &relays,
+            CardStatus::Alive,
+            asked
+        )
+        .await
+        .unwrap()
+        .is_err());
 
         let queued = outbox::entries(&db, Some(Purpose::Distress)).await.unwrap();
-        assert_eq!(queued.len(), 2);
+        assert_eq!(queued.len(), 3);
         assert_eq!(
             outbox::entries(&db, Some(Purpose::DirectMessage))
                 .await
                 .unwrap()
                 .len(),
-            2
+            3
         );
         let note = outbox::latest_event(&db, Purpose::Distress)
             .await

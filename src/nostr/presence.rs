@@ -168,14 +168,38 @@ pub async fn publish_now(
     })
 }
 
-/// Starts the live presence in the background; it ends when `cancel` fires. Returns `None` (after saying
-/// why in the log) when the agent has no wallet key or no relays.
-pub fn spawn(
-    home: &Home,
-    config: &Config,
-    db: Db,
+/// Sends what waits in the outbox from a short-lived client (tools and heartbeat tasks; the running presence
+/// flushes on its own too). Bounded by the connection wait and one send timeout.
+pub async fn flush_now(
+    db: &Db,
+    keys: &Keys,
+    relays: &RelaySet,
+) -> Result<outbox::FlushReport, NostrError> {
+    relays.require()?;
+    let client = relays::client(keys, relays).await?;
+    relays::wait_connected(&client, CONNECT_WAIT).await;
+    let report = outbox::flush(db, &client).await;
+    client.shutdown().await;
+    report
+}
+
+/// The running presence; [`Presence::stop`] ends it after a last, bounded flush of the outbox.
+pub struct Presence {
     cancel: CancellationToken,
-) -> Option<tokio::task::JoinHandle<()>> {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Presence {
+    /// Stops the presence and waits for its last flush (a few seconds at most).
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the live presence in the background; it ends when `cancel` fires or on [`Presence::stop`]. Returns
+/// `None` (after saying why in the log) when the agent has no wallet key or no relays.
+pub fn spawn(home: &Home, config: &Config, db: Db, cancel: CancellationToken) -> Option<Presence> {
     let relays = match RelaySet::from_config(config) {
         Ok(relays) if relays.is_empty() => {
             tracing::info!("no nostr.relays configured: no Nostr presence");
@@ -195,10 +219,15 @@ pub fn spawn(
         }
     };
     let config = config.clone();
-    Some(tokio::spawn(async move {
-        let span = tracing::info_span!("nostr", npub = %super::npub(&keys.public_key()));
-        let _ = tracing::Instrument::instrument(live(config, db, keys, relays, cancel), span).await;
-    }))
+    let own = cancel.child_token();
+    let task = tokio::spawn({
+        let cancel = own.clone();
+        async move {
+            let span = tracing::info_span!("nostr", npub = %super::npub(&keys.public_key()));
+            tracing::Instrument::instrument(live(config, db, keys, relays, cancel), span).await;
+        }
+    });
+    Some(Presence { cancel: own, task })
 }
 
 async fn live(config: Config, db: Db, keys: Keys, relays: RelaySet, cancel: CancellationToken) {
@@ -273,7 +302,17 @@ async fn tick(
     *published = Some(content.clone());
     if *last_status != Some(content.status) {
         if content.status.is_distress() {
-            match distress::signal(db, keys, config, &identity, relays, content.status).await? {
+            match distress::signal(
+                db,
+                keys,
+                config,
+                &identity,
+                relays,
+                content.status,
+                distress::Trigger::Automatic,
+            )
+            .await?
+            {
                 Ok(sent) => tracing::warn!(event_id = %sent.event_id, "distress signal queued"),
                 Err(why) => tracing::info!(?why, "no distress note"),
             }

@@ -13,6 +13,8 @@ struct LabJson {
     esplora_url: Option<String>,
     model_url: Option<String>,
     lsp: Option<LabLsp>,
+    /// The lab's Nostr relay (`ws://127.0.0.1:PORT`).
+    relay_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +66,9 @@ fn lab_layer(lab: LabJson) -> Value {
                    "api_key_env": null, "api_key_file": null}),
         );
     }
+    if let Some(url) = lab.relay_url {
+        root.insert("nostr".into(), json!({"relays": [url]}));
+    }
     Value::Object(root)
 }
 
@@ -98,5 +103,6 @@ mod tests {
         assert_eq!(config.inference.base_url, "http://127.0.0.1:3004/v1");
         assert_eq!(config.inference.model, LAB_MODEL);
         assert_eq!(config.inference.api_key_env, None);
+        assert_eq!(config.nostr.relays, vec!["ws://127.0.0.1:7000".to_string()]);
     }
 }

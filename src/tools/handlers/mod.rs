@@ -2,6 +2,7 @@
 
 mod exec;
 mod files;
+pub mod nostr;
 pub mod schedule;
 mod sleep;
 mod synopsis;
