@@ -176,7 +176,7 @@ pub fn update_prompt(
         path: path.display().to_string(),
         source,
     };
-    let _lock = audit::lock(home).map_err(|e| GenesisError::Rejected(e.to_string()))?;
+    let _lock = audit::begin(home).map_err(|e| GenesisError::Rejected(e.to_string()))?;
     if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
         return Err(GenesisError::Rejected(
             "the new genesis prompt is the same as the current one".into(),

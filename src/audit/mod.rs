@@ -124,6 +124,16 @@ pub fn lock(home: &Home) -> Result<AuditLock, AuditError> {
     Ok(AuditLock { _file: file })
 }
 
+/// Takes the edit lock and first records any edits made by hand since the last change, so the change about to
+/// be made gets a commit of its own.
+pub fn begin(home: &Home) -> Result<AuditLock, AuditError> {
+    let lock = lock(home)?;
+    if let Err(err) = record(home, &Actor::Hand, "edits made by hand") {
+        tracing::debug!(error = %err, "hand edits not recorded");
+    }
+    Ok(lock)
+}
+
 /// The commit message for `item` changed by `actor`.
 pub fn message(actor: &Actor, item: &str) -> String {
     let item = one_line(item);

@@ -38,7 +38,7 @@ pub fn edit(
     actor: &Actor,
 ) -> Result<EditOutcome, HeartbeatError> {
     let path = home.heartbeat_path();
-    let _lock = audit::lock(home).map_err(|e| HeartbeatError::BadRequest(e.to_string()))?;
+    let _lock = audit::begin(home).map_err(|e| HeartbeatError::BadRequest(e.to_string()))?;
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -51,7 +51,7 @@ pub fn apply_plans(
     planned: &[Planned],
     now: DateTime<Utc>,
 ) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let now = timestamp(now);
     for plan in planned {
         tx.execute(
@@ -147,7 +147,7 @@ pub struct Finish<'a> {
 /// Ends a run: history row, next plan, lease released and the wake event, all in one transaction, so a crash
 /// leaves either the whole run recorded or a lease that expires and lets the run happen again.
 pub fn finish_run(conn: &mut Connection, f: &Finish<'_>) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let ended = timestamp(f.ended_at);
     tx.execute(
         "UPDATE heartbeat_runs SET ended_at = ?2, outcome = ?3, summary = ?4, error = ?5 WHERE id = ?1",

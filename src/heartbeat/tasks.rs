@@ -126,7 +126,7 @@ impl HeartbeatTask for StatusRefresh {
         let report = ctx
             .db
             .call(move |c| {
-                let tx = c.transaction()?;
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let tier = history::kv_get(&tx, super::TIER_KEY)?.unwrap_or_else(|| "normal".into());
                 let balance = history::kv_get(&tx, "money.balance_sats")?;
                 let last_seen = history::kv_get(&tx, "status.tier_seen")?;

@@ -542,7 +542,7 @@ pub fn set_enabled(
     enabled: bool,
     actor: &Actor,
 ) -> Result<SkillChange, SkillError> {
-    let _lock = audit::lock(home)?;
+    let _lock = audit::begin(home)?;
     let skill = Library::for_home(home).find(name)?;
     let marker = home.skills_dir().join(&skill.dir).join(DISABLED_MARKER);
     let item = format!(
@@ -613,7 +613,7 @@ pub fn create(
     let dir = home.skills_dir().join(name);
     let path = dir.join("SKILL.md");
     parse(name, &path, &text)?;
-    let _lock = audit::lock(home)?;
+    let _lock = audit::begin(home)?;
     if dir.exists() {
         return Err(SkillError::Exists {
             name: name.to_string(),
@@ -626,7 +626,7 @@ pub fn create(
 
 /// Deletes a skill's folder.
 pub fn remove(home: &Home, name: &str, actor: &Actor) -> Result<SkillChange, SkillError> {
-    let _lock = audit::lock(home)?;
+    let _lock = audit::begin(home)?;
     let skill = Library::for_home(home).find(name)?;
     let dir = home.skills_dir().join(&skill.dir);
     // The folder must really be inside skills/ (a symlinked folder is unlinked, never followed).
@@ -662,7 +662,7 @@ pub fn install(home: &Home, source: &Path, actor: &Actor) -> Result<SkillChange,
             skill_file.display()
         ))
     })?;
-    let _lock = audit::lock(home)?;
+    let _lock = audit::begin(home)?;
     let dest = home.skills_dir().join(&name);
     if dest.exists() {
         return Err(SkillError::Exists { name });
