@@ -94,7 +94,8 @@ pub async fn run_with_services(
     cancel: CancellationToken,
 ) -> Result<RunSummary, AgentError> {
     let key = config.inference_api_key()?;
-    let provider = inference::provider_from_config(&config.inference, key)?;
+    let payer = crate::l402::client::inference_payer(config, services.wallet.as_ref())?;
+    let provider = inference::provider_with_payer(&config.inference, key, payer)?;
     run_inner(home, config, db, provider, services, opts, cancel).await
 }
 
@@ -132,6 +133,9 @@ async fn run_inner(
     let mut registry = Registry::with_builtin_tools(config.agent.tool_result_cap_bytes)?;
     if services.wallet.is_some() {
         for tool in crate::tools::handlers::wallet::tools() {
+            registry.register(tool)?;
+        }
+        for tool in crate::tools::handlers::l402::tools() {
             registry.register(tool)?;
         }
     }

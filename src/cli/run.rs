@@ -96,6 +96,23 @@ async fn run_agent(
             None
         }
     };
+    // The HTTP face (Lightning address, automaton.json, paid services) lives as long as the node.
+    let http_task = match crate::http::serve(
+        home,
+        Arc::new(config.clone()),
+        db.clone(),
+        wallet.clone(),
+        None,
+        services_cancel.clone(),
+    )
+    .await
+    {
+        Ok(running) => Some(running.task),
+        Err(error) => {
+            tracing::error!(%error, "cannot serve the HTTP face; the agent runs without it");
+            None
+        }
+    };
     // The heartbeat runs beside the agent loop and stops with the other services after it.
     let heartbeat_task = tokio::spawn(
         crate::heartbeat::Scheduler::new(
@@ -114,6 +131,9 @@ async fn run_agent(
     services_cancel.cancel();
     let _ = heartbeat_task.await;
     if let Some(task) = control_task {
+        let _ = task.await;
+    }
+    if let Some(task) = http_task {
         let _ = task.await;
     }
     if let Some(task) = wallet_task {

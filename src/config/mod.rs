@@ -124,6 +124,28 @@ pub struct InferenceConfig {
     /// A different model per survival tier (same endpoint and key); unset tiers fall back towards `model`.
     #[serde(skip_serializing_if = "TierModels::is_empty")]
     pub tier_models: TierModels,
+    /// How calls are paid for: `api_key` (the key above, if any) or `l402` (each call paid over Lightning).
+    #[serde(skip_serializing_if = "InferenceAuth::is_api_key")]
+    pub auth: InferenceAuth,
+    /// With `auth: l402`: the most one call may cost, in sats (its routing fee aside); dearer calls are refused.
+    pub l402_max_sats: u64,
+}
+
+/// How inference calls are paid for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InferenceAuth {
+    /// A bearer API key (or nothing, for a local server).
+    #[default]
+    ApiKey,
+    /// Pay per call with L402 from the agent's wallet (through the budget gate; counted as inference spend).
+    L402,
+}
+
+impl InferenceAuth {
+    pub fn is_api_key(&self) -> bool {
+        *self == InferenceAuth::ApiKey
+    }
 }
 
 /// Model routing by survival tier (`inference.tier_models.low_compute: gpt-4o-mini`).
@@ -164,6 +186,8 @@ impl Default for InferenceConfig {
             deadline_secs: 600,
             price: None,
             tier_models: TierModels::default(),
+            auth: InferenceAuth::ApiKey,
+            l402_max_sats: 1_000,
         }
     }
 }
@@ -465,6 +489,47 @@ pub struct HttpConfig {
     pub listen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// The Lightning address / LNURL-pay service (`name@host` of `public_url`).
+    #[serde(skip_serializing_if = "LnurlPayConfig::is_default")]
+    pub lnurl: LnurlPayConfig,
+}
+
+/// The agent's LNURL-pay service (LUD-06/12/16/21): who pays it what, and how the invoices look.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LnurlPayConfig {
+    /// The user part of the Lightning address; default: the agent's name, lower-cased, `a-z0-9-_.` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The `text/plain` description payers' wallets show; default: "Fund <name>, an autonomous agent".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Smallest payment accepted (`minSendable`), in sats.
+    pub min_sats: u64,
+    /// Largest payment accepted (`maxSendable`), in sats.
+    pub max_sats: u64,
+    /// Longest payer's comment accepted (LUD-12 `commentAllowed`); 0 = none.
+    pub comment_chars: u32,
+    pub invoice_expiry_secs: u32,
+}
+
+impl Default for LnurlPayConfig {
+    fn default() -> Self {
+        LnurlPayConfig {
+            name: None,
+            description: None,
+            min_sats: 1,
+            max_sats: 1_000_000,
+            comment_chars: 140,
+            invoice_expiry_secs: 600,
+        }
+    }
+}
+
+impl LnurlPayConfig {
+    pub fn is_default(&self) -> bool {
+        self == &LnurlPayConfig::default()
+    }
 }
 
 /// The agent's Nostr presence: relays, card and distress settings.
@@ -968,6 +1033,28 @@ impl Config {
                 listen
                     .parse::<std::net::SocketAddr>()
                     .map(|_| ())
+        if let Some(name) = &self.http.lnurl.name {
+            check(
+                "http.lnurl.name",
+                if !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+                {
+                    Ok(())
+                } else {
+                    Err(format!("`{name}` may hold only a-z, 0-9, `-`, `_` and `.` (LUD-16)"))
+                },
+            );
+        }
+        check(
+            "http.lnurl.min_sats",
+            if self.http.lnurl.min_sats >= 1 && self.http.lnurl.min_sats <= self.http.lnurl.max_sats {
+                Ok(())
+            } else {
+                Err("must be at least 1 and at most http.lnurl.max_sats".to_string())
+            },
+        );
                     .map_err(|_| format!("`{listen}` is not HOST:PORT")),
             );
         }

@@ -110,6 +110,38 @@ pub async fn dispatch(ctx: &ControlContext, request: Request) -> Result<Value, C
             .await?;
             Ok(to_value(sent))
         }
+        "l402.fetch" => {
+            let p: L402FetchParams = parse(params.clone())?;
+            let w = ready_wallet(ctx, &params).await?;
+            let client = crate::l402::client::L402Client::new(w.clone())
+                .map_err(|e| ControlError::new(e.exit_code(), e.to_string()).with_kind(e.kind()))?;
+            let mut headers = Vec::new();
+            for line in p.headers.unwrap_or_default() {
+                let (name, value) = line.split_once(':').ok_or_else(|| {
+                    ControlError::bad_request(format!("header `{line}` is not `Name: value`"))
+                })?;
+                headers.push((name.trim().to_string(), value.trim().to_string()));
+            }
+            let request = crate::l402::client::FetchRequest {
+                url: p.url,
+                method: p.method.unwrap_or_else(|| {
+                    if p.data.is_some() { "POST".into() } else { "GET".into() }
+                }),
+                headers,
+                body: p.data.map(String::into_bytes),
+                max_sats: p.max_sats.unwrap_or(crate::l402::client::DEFAULT_MAX_SATS),
+                purpose: p.purpose,
+                timeout: p.timeout_secs.map(Duration::from_secs),
+            };
+            let response = client
+                .fetch(request)
+                .await
+                .map_err(|e| ControlError::new(e.exit_code(), e.to_string()).with_kind(e.kind()))?;
+            let mut result = response.summary();
+            result["content_type"] = json!(response.content_type());
+            result["receipt_id"] = json!(response.receipt_id);
+            Ok(result)
+        }
         other => Err(ControlError::bad_request(format!(
             "unknown method `{other}`"
         ))),
@@ -164,6 +196,22 @@ struct OnchainParams {
     max_fee_sats: Option<u64>,
     purpose: Option<String>,
     approval_wait_secs: Option<u64>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    wait_secs: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct L402FetchParams {
+    url: String,
+    method: Option<String>,
+    /// `Name: value` lines.
+    headers: Option<Vec<String>>,
+    data: Option<String>,
+    max_sats: Option<u64>,
+    purpose: Option<String>,
+    timeout_secs: Option<u64>,
     #[serde(default)]
     #[allow(dead_code)]
     wait_secs: Option<u64>,

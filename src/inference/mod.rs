@@ -175,6 +175,29 @@ pub trait InferenceProvider: Send + Sync {
     async fn complete(&self, request: &ChatRequest) -> Result<Completion, InferenceError>;
 }
 
+/// An HTTP transport that pays for calls itself (`inference.auth: l402`: the L402 buyer). The OpenAI backend
+/// sends its POSTs through it instead of plain HTTP; what comes back is classified as usual.
+#[async_trait]
+pub trait PaidHttp: Send + Sync {
+    async fn post(
+        &self,
+        url: &str,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<PaidHttpResponse, InferenceError>;
+}
+
+/// The answer of a `PaidHttp` POST.
+#[derive(Clone, Debug)]
+pub struct PaidHttpResponse {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+    /// Paid for this call (0 when a cached credential was accepted).
+    pub paid_msat: u64,
+}
+
 /// Description of one inference backend for the setup wizard.
 #[derive(Clone, Debug)]
 pub struct BackendInfo {
@@ -211,14 +234,27 @@ pub fn provider_from_config(
     config: &InferenceConfig,
     key: Option<Secret>,
 ) -> Result<Arc<dyn InferenceProvider>, InferenceError> {
+    provider_with_payer(config, key, None)
+}
+
+/// `provider_from_config` whose calls go through `payer` (paid inference, `inference.auth: l402`).
+pub fn provider_with_payer(
+    config: &InferenceConfig,
+    key: Option<Secret>,
+    payer: Option<Arc<dyn PaidHttp>>,
+) -> Result<Arc<dyn InferenceProvider>, InferenceError> {
     let timeout = Duration::from_secs(config.timeout_secs.max(1));
+    if payer.is_some() && config.provider != InferenceKind::OpenAi {
+        return Err(InferenceError::Config(format!(
+            "inference.auth: l402 works with OpenAI-compatible endpoints, not {}",
+            config.provider
+        )));
+    }
     let provider: Arc<dyn InferenceProvider> = match config.provider {
-        InferenceKind::OpenAi => Arc::new(openai::OpenAiProvider::new(
-            &config.base_url,
-            &config.model,
-            key,
-            timeout,
-        )?),
+        InferenceKind::OpenAi => Arc::new(
+            openai::OpenAiProvider::new(&config.base_url, &config.model, key, timeout)?
+                .with_payer(payer),
+        ),
         InferenceKind::Anthropic => Arc::new(anthropic::AnthropicProvider::new(
             &config.base_url,
             &config.model,

@@ -2,6 +2,7 @@
 //! endpoints): async-openai's request/response types over our own reqwest transport, one attempt per call.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_openai::types::{
@@ -18,7 +19,7 @@ use serde_json::Value;
 
 use super::{
     classify_status, classify_transport, clip_message, read_body, ChatRequest, Completion,
-    InferenceError, InferenceProvider, Message, StopReason, ToolCall, Usage,
+    InferenceError, InferenceProvider, Message, PaidHttp, StopReason, ToolCall, Usage,
 };
 use crate::config::keys::ConfigKey;
 use crate::config::Secret;
@@ -62,6 +63,8 @@ pub struct OpenAiProvider {
     /// Newer OpenAI models reject `max_tokens`; older local servers only know it. Start with the widely supported
     /// one and switch for good the first time the server says so.
     use_max_completion_tokens: AtomicBool,
+    /// Paid inference: requests go through this transport, which pays the endpoint's L402 challenges.
+    payer: Option<Arc<dyn PaidHttp>>,
 }
 
 impl std::fmt::Debug for OpenAiProvider {
@@ -105,7 +108,43 @@ impl OpenAiProvider {
             key,
             timeout,
             use_max_completion_tokens: AtomicBool::new(false),
+            payer: None,
         })
+    }
+
+    /// Sends every request through `payer` (paid inference) instead of plain HTTP.
+    pub fn with_payer(mut self, payer: Option<Arc<dyn PaidHttp>>) -> OpenAiProvider {
+        self.payer = payer;
+        self
+    }
+
+    /// One attempt through the paying transport: the same request, the same classification of the answer.
+    async fn attempt_paid(
+        &self,
+        payer: &dyn PaidHttp,
+        request: &ChatRequest,
+    ) -> Result<Completion, InferenceError> {
+        let body = serde_json::to_vec(&self.request_body(request))
+            .map_err(|e| InferenceError::BadResponse(format!("cannot encode the request: {e}")))?;
+        let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+        if let Some(key) = &self.key {
+            headers.push(("authorization".to_string(), format!("Bearer {}", key.expose())));
+        }
+        let response = payer.post(&self.url, headers, body, self.timeout).await?;
+        if response.paid_msat > 0 {
+            tracing::info!(paid_msat = response.paid_msat, "paid for an inference call over L402");
+        }
+        let text = String::from_utf8_lossy(&response.body).into_owned();
+        if !(200..300).contains(&response.status) {
+            let (code, message) = error_fields(&text);
+            return Err(classify_status(
+                response.status,
+                &response.headers,
+                code.as_deref(),
+                &message,
+            ));
+        }
+        parse_response(&text)
     }
 
     /// The exact request body we send (also used by tests).
@@ -192,6 +231,9 @@ impl OpenAiProvider {
     }
 
     async fn attempt(&self, request: &ChatRequest) -> Result<Completion, InferenceError> {
+        if let Some(payer) = &self.payer {
+            return self.attempt_paid(payer.as_ref(), request).await;
+        }
         let body = self.request_body(request);
         let mut http = self.http.post(&self.url).json(&body);
         if let Some(key) = &self.key {

@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_schedule.sql"),
     include_str!("migrations/0003_money.sql"),
     include_str!("migrations/0004_nostr.sql"),
+    include_str!("migrations/0005_lnurl_l402_client.sql"),
 ];
 
 /// The schema version this binary writes.

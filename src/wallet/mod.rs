@@ -12,6 +12,7 @@ mod node;
 mod ops;
 mod pay;
 pub mod proof;
+pub mod receive;
 pub mod spend;
 mod tier;
 

@@ -50,7 +50,8 @@ impl Wallet {
         invoice: &InvoiceSummary,
     ) -> Result<Paid, WalletError> {
         let request = permit.request().clone();
-        if request.rail != Rail::Bolt11 {
+        // An L402 purchase is an invoice payment too; its rail keeps the receipt apart.
+        if !matches!(request.rail, Rail::Bolt11 | Rail::L402) {
             return self
                 .refuse(permit, "this permit is not for an invoice payment")
                 .await;

@@ -2,6 +2,7 @@
 
 mod exec;
 mod files;
+pub mod l402;
 pub mod nostr;
 pub mod schedule;
 mod sleep;
