@@ -133,7 +133,7 @@ async fn a_retried_exec_keeps_its_idempotency_key() {
         .map(|r| r.headers.get("idempotency-key").unwrap().clone())
         .collect();
     assert!(
-        keys.iter().all(|k| k == &keys[0]),
+        keys.iter().all(|k| *k == keys[0]),
         "one key across the retries"
     );
     // A new call gets a new key.

@@ -1,6 +1,7 @@
 //! The SSH compute backend against a real OpenSSH server on loopback: the conformance suite every backend passes,
 //! then what only SSH has: pinned host keys, reconnects, remote kills, idle masters that go away.
 
+mod common;
 #[path = "common/sshd.rs"]
 mod sshd;
 
@@ -106,7 +107,7 @@ async fn a_changed_host_key_is_refused() {
     // Handing `connect` the real key does not overwrite the recorded one either.
     match SshCompute::connect(
         target.clone(),
-        &[sshd.host_key.clone()],
+        std::slice::from_ref(&sshd.host_key),
         sshd.options(work.path()),
     )
     .await
@@ -119,7 +120,7 @@ async fn a_changed_host_key_is_refused() {
         .unwrap();
     let compute = SshCompute::connect(
         target.clone(),
-        &[sshd.host_key.clone()],
+        std::slice::from_ref(&sshd.host_key),
         sshd.options(work.path()),
     )
     .await
@@ -341,4 +342,115 @@ async fn an_idle_master_exits_by_itself_and_the_next_call_reconnects() {
         .await
         .unwrap();
     assert_eq!(out.stdout, "again\n");
+}
+
+#[test]
+fn automaton_exec_runs_commands_through_the_configured_provider() {
+    let sshd = Sshd::start();
+    let work = tempfile::tempdir().unwrap();
+    let home = common::TestHome::new();
+    let port = format!("compute.ssh.port={}", sshd.port);
+    let user = format!("compute.ssh.user={}", sshd::current_user());
+    let workdir = format!("compute.ssh.workdir={}", work.path().display());
+    home.setup_with(
+        "http://127.0.0.1:9/v1",
+        "test agent",
+        &[
+            "-c",
+            "compute.provider=ssh",
+            "-c",
+            "compute.ssh.host=127.0.0.1",
+            "-c",
+            &port,
+            "-c",
+            &user,
+            "-c",
+            &workdir,
+        ],
+    );
+    // The agent's own key and pinned host key, where the provider looks for them.
+    let ssh_dir = home.root().join("ssh");
+    std::fs::create_dir_all(&ssh_dir).unwrap();
+    std::fs::copy(&sshd.client_key, ssh_dir.join("id_ed25519")).unwrap();
+    std::fs::copy(&sshd.known_hosts, ssh_dir.join("known_hosts")).unwrap();
+
+    let out = home
+        .automaton()
+        .args(["exec", "--", "echo", "hi", "there;", "pwd"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hi there\n{}\n", work.path().display())
+    );
+
+    let out = home
+        .automaton()
+        .args(["exec", "--json", "--", "echo oops >&2; exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(report["provider"], "ssh");
+    assert_eq!(report["exit_code"], 3);
+    assert_eq!(report["stderr"], "oops\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exited with status 3"));
+
+    let out = home
+        .automaton()
+        .args(["exec", "--timeout", "1", "--", "sleep 30"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out after 1s"));
+
+    let out = home
+        .automaton()
+        .args(["exec", "--provider", "local", "--", "pwd"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        std::fs::canonicalize(home.workspace())
+            .unwrap()
+            .to_string_lossy()
+    );
+
+    let out = home
+        .automaton()
+        .args(["exec", "--provider", "nope", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown provider"));
+
+    // A machine that changed its key is refused with a message that says so.
+    std::fs::write(ssh_dir.join("known_hosts"), "").unwrap();
+    let other = sshd.dir().join("other_key");
+    keygen(&other);
+    automaton::compute::ssh::add_known_host(
+        &ssh_dir.join("known_hosts"),
+        "127.0.0.1",
+        sshd.port,
+        &std::fs::read_to_string(other.with_extension("pub")).unwrap(),
+    )
+    .unwrap();
+    let out = home
+        .automaton()
+        .args(["exec", "--", "touch", "ran"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("differs from the one recorded"));
+    assert!(!work.path().join("ran").exists());
 }

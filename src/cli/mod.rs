@@ -8,6 +8,7 @@ mod budget;
 mod heartbeat;
 mod card;
 mod discover;
+mod exec;
 mod logs;
 mod revert;
 mod run;
@@ -56,6 +57,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Show recent turns and the tool calls they made
     Logs(logs::LogsArgs),
+    /// Run one command through the compute provider (the configured one, or --provider)
+    Exec(exec::ExecArgs),
     /// The agent's Nostr card (NIP-89): show it, publish it
     Card(card::CardArgs),
     /// Find other agents on Nostr (verified cards), or describe one by its URL
@@ -105,6 +108,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::execute(&home, &cli.overrides, args),
         Command::Status(args) => status::execute(&home, &cli.overrides, args),
         Command::Logs(args) => logs::execute(&home, args),
+        Command::Exec(args) => exec::execute(&home, &cli.overrides, args),
         Command::Card(args) => card::execute(&home, &cli.overrides, args),
         Command::Discover(args) => discover::execute(&home, &cli.overrides, args),
         Command::Wallet(args) => wallet::execute(&home, args),

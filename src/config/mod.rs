@@ -903,11 +903,17 @@ impl Config {
                 not_empty(self.compute.ssh.host.as_deref().unwrap_or_default()),
             );
             check("compute.ssh.user", not_empty(&self.compute.ssh.user));
-            check("compute.ssh.port", at_least_one(self.compute.ssh.port.into()));
+            check(
+                "compute.ssh.port",
+                at_least_one(self.compute.ssh.port.into()),
+            );
         }
         if let Some(w) = &self.compute.ssh.workdir {
             if w.is_relative() {
-                check("compute.ssh.workdir", Err("must be an absolute path on the remote machine".to_string()));
+                check(
+                    "compute.ssh.workdir",
+                    Err("must be an absolute path on the remote machine".to_string()),
+                );
             }
         }
         if self.compute.provider == "conway" {

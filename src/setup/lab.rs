@@ -15,6 +15,8 @@ struct LabJson {
     lsp: Option<LabLsp>,
     /// The lab's Nostr relay (`ws://127.0.0.1:PORT`).
     relay_url: Option<String>,
+    conway_url: Option<String>,
+    conway_api_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -23,6 +25,9 @@ struct LabLsp {
     address: String,
     token: Option<String>,
 }
+
+/// Where setup keeps the lab's Conway API key, relative to the home (0600; never in `automaton.yaml`).
+pub const CONWAY_KEY_FILE: &str = "conway_api_key";
 
 /// Name of the lab's free scripted model; the lab serves whatever model name it is asked for.
 pub const LAB_MODEL: &str = "scripted";
@@ -38,6 +43,20 @@ pub fn overlay(path: &Path) -> anyhow::Result<Value> {
     let lab: LabJson = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{} is not a lab.json: {e}", path.display()))?;
     Ok(lab_layer(lab))
+}
+
+/// Writes the secrets `lab.json` hands out into the home (0600 files the config points at): the Conway API key.
+pub fn write_secrets(home: &crate::home::Home, path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let lab: LabJson = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{} is not a lab.json: {e}", path.display()))?;
+    if let Some(key) = lab.conway_api_key.filter(|k| !k.trim().is_empty()) {
+        let file = home.root().join(CONWAY_KEY_FILE);
+        crate::config::write_atomic(&file, format!("{}\n", key.trim()).as_bytes(), 0o600)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
+    }
+    Ok(())
 }
 
 fn lab_layer(lab: LabJson) -> Value {
@@ -58,6 +77,19 @@ fn lab_layer(lab: LabJson) -> Value {
     if !wallet.is_empty() {
         root.insert("wallet".into(), Value::Object(wallet));
     }
+    // The lab's Conway double: its endpoint, and its key through a file setup writes (`write_secrets`). The
+    // provider stays as it was; `compute.provider: conway` opts in.
+    let mut conway = Map::new();
+    if let Some(url) = lab.conway_url {
+        conway.insert("api_url".into(), json!(url));
+    }
+    if lab.conway_api_key.is_some_and(|k| !k.trim().is_empty()) {
+        conway.insert("api_key_env".into(), Value::Null);
+        conway.insert("api_key_file".into(), json!(CONWAY_KEY_FILE));
+    }
+    if !conway.is_empty() {
+        root.insert("compute".into(), json!({ "conway": conway }));
+    }
     if let Some(url) = lab.model_url {
         // The lab's free model needs no key; clearing any key setting keeps a stale one from being sent there.
         root.insert(
@@ -76,6 +108,35 @@ fn lab_layer(lab: LabJson) -> Value {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn conway_endpoint_and_key_file_are_mapped_but_the_key_stays_out_of_the_config() {
+        let lab: LabJson = serde_json::from_value(json!({
+            "conway_url": "http://127.0.0.1:3010",
+            "conway_api_key": "cnwy_k_lab"
+        }))
+        .unwrap();
+        let layer = lab_layer(lab);
+        assert!(!layer.to_string().contains("cnwy_k_lab"));
+        let config = Config::default().merged(layer, "lab.json").unwrap();
+        assert_eq!(config.compute.conway.api_url, "http://127.0.0.1:3010");
+        assert_eq!(
+            config.compute.conway.api_key_file.as_deref(),
+            Some(Path::new(CONWAY_KEY_FILE))
+        );
+        assert_eq!(config.compute.provider, "local");
+
+        let dir = tempfile::tempdir().unwrap();
+        let lab_json = dir.path().join("lab.json");
+        std::fs::write(&lab_json, r#"{"conway_api_key": "cnwy_k_lab"}"#).unwrap();
+        let home = crate::home::Home::at(dir.path().join("home"));
+        write_secrets(&home, &lab_json).unwrap();
+        let file = home.root().join(CONWAY_KEY_FILE);
+        assert_eq!(
+            crate::config::read_secret_file(&file).unwrap().expose(),
+            "cnwy_k_lab"
+        );
+    }
 
     #[test]
     fn maps_known_keys_and_ignores_the_rest() {

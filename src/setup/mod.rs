@@ -191,6 +191,9 @@ pub fn run(home: &Home, request: &SetupRequest) -> anyhow::Result<SetupOutcome> 
     let warnings = check_secrets(&resolved)?;
 
     let wallet = write_home(home, &config, genesis.as_deref(), existing, restored)?;
+    if let Some(lab_path) = &request.lab {
+        lab::write_secrets(home, lab_path)?;
+    }
     let message = if existing {
         format!("reconfigure {}", config.name)
     } else {
