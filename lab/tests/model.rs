@@ -1092,3 +1092,48 @@ async fn model_command_serves_until_stopped() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn schedule_scenario_changes_the_heartbeat_once_per_entry() {
+    let model = Model::start().await;
+    let mut tools = all_tools();
+    tools.push(tool(
+        "modify_heartbeat",
+        object(
+            json!({"action": {"type": "string", "enum": ["add", "remove", "enable", "disable"]},
+                   "name": {"type": "string", "minLength": 1}, "schedule": {"type": "string"},
+                   "every": {"type": "string"}, "task": {"type": "string"}, "params": {"type": "object"},
+                   "timeout": {"type": "string"}}),
+            &["action", "name"],
+        ),
+    ));
+    let system = system_prompt(
+        "Keep a rhythm.\nlab-scenario: schedule add lab_pulse 20s wake_agent\nlab-scenario: schedule disable status_refresh",
+        &[],
+    );
+    let mut agent = Agent::new(&model, system.clone(), tools.clone());
+    let calls = agent.turn("wake").await;
+    let changes: Vec<&Value> = calls
+        .iter()
+        .filter(|(name, _)| name == "modify_heartbeat")
+        .map(|(_, args)| args)
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            &json!({"action": "add", "name": "lab_pulse", "every": "20s", "task": "wake_agent",
+                    "params": {"reason": "lab-scenario schedule: lab_pulse"}}),
+            &json!({"action": "disable", "name": "status_refresh"}),
+        ],
+        "{calls:?}"
+    );
+    assert_eq!(names(&calls).last(), Some(&"sleep"));
+    // Once per conversation: the next turn does not change the schedule again.
+    let calls = agent.turn("wake again").await;
+    assert!(!names(&calls).contains(&"modify_heartbeat"), "{calls:?}");
+    // Without the scenario, or without the tool, the schedule is left alone.
+    let mut agent = Agent::new(&model, system_prompt("Keep a rhythm.", &[]), tools);
+    assert!(!names(&agent.turn("wake").await).contains(&"modify_heartbeat"));
+    let mut agent = Agent::new(&model, system, all_tools());
+    assert!(!names(&agent.turn("wake").await).contains(&"modify_heartbeat"));
+}

@@ -501,6 +501,7 @@ impl<'a> Turn<'a> {
                     || json!({"name": name, "amount_sats": sats}),
                 )
             }
+            ScenarioKind::Schedule => self.schedule_step(scenario),
             // Transport scenarios (error, flaky, slow, context) and loop are handled elsewhere.
             ScenarioKind::Loop
             | ScenarioKind::Error
@@ -508,6 +509,52 @@ impl<'a> Turn<'a> {
             | ScenarioKind::Slow
             | ScenarioKind::Context => None,
         }
+    }
+
+    /// Changes the agent's own schedule through `modify_heartbeat`, once per conversation and entry.
+    fn schedule_step(&self, scenario: &Scenario) -> Option<Reply> {
+        let mut args = scenario.args.iter().map(String::as_str).peekable();
+        let action = match args.peek() {
+            Some(&word @ ("add" | "remove" | "enable" | "disable")) => {
+                args.next();
+                word
+            }
+            _ => "add",
+        };
+        let name = args.next().unwrap_or("lab_schedule").to_owned();
+        let mut call = json!({"action": action, "name": name});
+        if action == "add" {
+            let rest: Vec<&str> = args.collect();
+            let every = rest
+                .iter()
+                .find(|word| {
+                    word.len() > 1
+                        && word.ends_with(['s', 'm', 'h', 'd'])
+                        && word[..word.len() - 1].chars().all(|c| c.is_ascii_digit())
+                })
+                .copied()
+                .unwrap_or("1m");
+            let task = rest
+                .iter()
+                .find(|word| word.contains('_'))
+                .copied()
+                .unwrap_or("wake_agent");
+            call["every"] = json!(every);
+            call["task"] = json!(task);
+            if task == "wake_agent" {
+                call["params"] = json!({"reason": format!("lab-scenario schedule: {name}")});
+            }
+        }
+        let key = format!("{action} {name}");
+        let done = self.conversation.calls().any(|(_, made)| {
+            made.name == "modify_heartbeat"
+                && format!(
+                    "{} {}",
+                    made.arg_str("action").unwrap_or_default(),
+                    made.arg_str("name").unwrap_or_default()
+                ) == key
+        });
+        (self.offers("modify_heartbeat") && !done).then(|| self.call("modify_heartbeat", call))
     }
 
     fn conversation_called(&self, name: &str) -> bool {

@@ -20,6 +20,9 @@ pub(crate) enum ScenarioKind {
     Spawn,
     /// `fund NAME SATS`: `fund_child`.
     Fund,
+    /// `schedule [add|remove|enable|disable] NAME [EVERY] [TASK]`: `modify_heartbeat`, once per conversation
+    /// and entry (add defaults to every 1m, task wake_agent).
+    Schedule,
     /// `loop [COMMAND…]`: the same `exec` call forever, never sleeping.
     Loop,
     /// `error [STATUS]`: every request fails with that HTTP status (default 500).
@@ -42,6 +45,7 @@ impl ScenarioKind {
             "renew" => ScenarioKind::Renew,
             "spawn" => ScenarioKind::Spawn,
             "fund" => ScenarioKind::Fund,
+            "schedule" => ScenarioKind::Schedule,
             "loop" => ScenarioKind::Loop,
             "error" => ScenarioKind::Error,
             "flaky" => ScenarioKind::Flaky,
