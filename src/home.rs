@@ -129,6 +129,8 @@ impl Home {
             PathBuf::from(shm),
             PathBuf::from(journal),
             self.constitution_path(),
+            // The agent rewrites its purpose only through `update_genesis_prompt` (rate-limited, audited).
+            self.genesis_prompt_path(),
             self.config_path(),
             self.lock_path(),
             self.node_dir(),

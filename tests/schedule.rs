@@ -806,6 +806,8 @@ async fn the_agent_creates_and_removes_skills_and_rewrites_its_genesis_once_a_da
                 json!({"prompt": "Sell haiku to other agents.", "reason": "haiku sell better than notes"}),
             ),
             ("update_genesis_prompt", json!({"prompt": "Sell limericks.", "reason": "changed my mind"})),
+            ("write_file", json!({"path": "../genesis/prompt.md", "content": "Sell limericks."})),
+            ("write_file", json!({"path": "../skills/notes/SKILL.md", "content": "Keep notes."})),
         ]),
         _ => tool_call("sleep", json!({"seconds": 60})),
     })
@@ -833,6 +835,12 @@ async fn the_agent_creates_and_removes_skills_and_rewrites_its_genesis_once_a_da
         "{:?}",
         result(5)
     );
+    assert!(
+        result(6).1 && result(6).0.contains("protected"),
+        "{:?}",
+        result(6)
+    );
+    assert!(!result(7).1, "{:?}", result(7));
     let home = t.home();
     assert!(home.skills_dir().join("selling-haiku/SKILL.md").exists());
     assert!(!home.skills_dir().join("renting-compute").exists());
@@ -857,11 +865,17 @@ async fn the_agent_creates_and_removes_skills_and_rewrites_its_genesis_once_a_da
 
     let changes = automaton::audit::changes(&home, 10).unwrap();
     let messages: Vec<&str> = changes.iter().map(|c| c.message.as_str()).collect();
-    assert!(messages[0].starts_with(
-        "genesis update: haiku sell better than notes [tool update_genesis_prompt, turn "
-    ));
-    assert!(messages[1].starts_with("skills remove renting-compute [tool remove_skill, turn "));
-    assert!(messages[2].starts_with("skills create selling-haiku [tool create_skill, turn "));
+    let turn_id = changes[0].turn.clone().expect("turn recorded");
+    assert_eq!(
+        messages[..4],
+        [
+            format!("files edited by the agent's commands [tool exec/write_file, turn {turn_id}]"),
+            format!("genesis update: haiku sell better than notes [tool update_genesis_prompt, turn {turn_id}]"),
+            format!("skills remove renting-compute [tool remove_skill, turn {turn_id}]"),
+            format!("skills create selling-haiku [tool create_skill, turn {turn_id}]"),
+        ]
+    );
+    assert_eq!(changes[0].files, ["skills/notes/SKILL.md"]);
 }
 
 #[tokio::test]

@@ -246,6 +246,16 @@ impl Agent {
                 .record
                 .persist(&self.ctx.db, outcome.clone())
                 .await?;
+            // Files the agent changed with exec/write_file (a skill, the schedule) go into the change history
+            // under this turn, like the changes its dedicated tools make.
+            if finished
+                .record
+                .tool_calls
+                .iter()
+                .any(|c| !c.read_only && matches!(c.name.as_str(), "exec" | "write_file"))
+            {
+                crate::audit::record_turn_edits(&self.ctx.home, &finished.record.id).await;
+            }
             tracing::info!(
                 turn = %finished.record.id,
                 %outcome,

@@ -187,6 +187,29 @@ pub fn record_hand_edits(home: &Home) -> Result<Option<String>, AuditError> {
     record(home, &Actor::Hand, "edits made by hand")
 }
 
+/// Records what the agent's general tools (`exec`, `write_file`) changed in the tracked files during a turn.
+/// Never fails the turn: a missing git is logged.
+pub async fn record_turn_edits(home: &Home, turn_id: &str) {
+    let (home, turn) = (home.clone(), turn_id.to_string());
+    let recorded = tokio::task::spawn_blocking(move || {
+        let _lock = lock(&home)?;
+        record(
+            &home,
+            &Actor::tool("exec/write_file", Some(&turn)),
+            "files edited by the agent's commands",
+        )
+    })
+    .await;
+    match recorded {
+        Ok(Ok(Some(id))) => {
+            tracing::info!(change = %short(&id), "the agent's edits were recorded in the change history")
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(err)) => tracing::debug!(error = %err, "turn edits not recorded"),
+        Err(err) => tracing::warn!(error = %err, "recording turn edits failed"),
+    }
+}
+
 /// The change history, newest first.
 pub fn changes(home: &Home, limit: usize) -> Result<Vec<Change>, AuditError> {
     if !home.root().join(".git").exists() {
