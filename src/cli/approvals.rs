@@ -118,7 +118,7 @@ fn describe(a: &Approval) -> String {
 }
 
 fn msat(v: u64) -> String {
-    if v % 1000 == 0 {
+    if v.is_multiple_of(1000) {
         format!("{} sats", v / 1000)
     } else {
         format!("{}.{:03} sats", v / 1000, v % 1000)

@@ -317,7 +317,7 @@ pub enum MoneyError {
 }
 
 fn fmt_msat(msat: u64) -> String {
-    if msat % 1000 == 0 {
+    if msat.is_multiple_of(1000) {
         format!("{} sats", msat / 1000)
     } else {
         format!("{}.{:03} sats", msat / 1000, msat % 1000)

@@ -265,7 +265,7 @@ pub fn body_hash(bytes: &[u8]) -> String {
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
     let text = text.trim();
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -927,7 +927,9 @@ pub async fn merge_meta(db: &Db, id: &str, extra: Value) -> Result<(), MoneyErro
     db.call(move |c| {
         let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let current: Option<String> = tx
-            .query_row("SELECT meta FROM receipts WHERE id = ?1", [&id], |r| r.get(0))
+            .query_row("SELECT meta FROM receipts WHERE id = ?1", [&id], |r| {
+                r.get(0)
+            })
             .optional()?;
         if let Some(current) = current {
             let mut meta: Value = serde_json::from_str(&current).unwrap_or_else(|_| empty_object());

@@ -130,8 +130,7 @@ pub fn compute_tier(inputs: &TierInputs, thresholds: &TierThresholds) -> Surviva
     } else {
         SurvivalTier::Critical
     };
-    if inputs.daily_burn_sats > 0 {
-        let runway_days = balance / inputs.daily_burn_sats;
+    if let Some(runway_days) = balance.checked_div(inputs.daily_burn_sats) {
         if runway_days < HIGH_RUNWAY_DAYS && tier == SurvivalTier::High {
             tier = SurvivalTier::Normal;
         }
@@ -277,11 +276,9 @@ pub fn update_tier_at(
         .and_then(|v| DateTime::parse_from_rfc3339(&v).ok())
         .map(|t| t.with_timezone(&Utc));
     match balance_sats {
-        Some(0) if ever_funded => {
-            if zero_since.is_none() {
-                zero_since = Some(now);
-                kv_set(&tx, ZERO_SINCE_KEY, &now_text, &now_text)?;
-            }
+        Some(0) if ever_funded && zero_since.is_none() => {
+            zero_since = Some(now);
+            kv_set(&tx, ZERO_SINCE_KEY, &now_text, &now_text)?;
         }
         Some(b) if b > 0 => {
             if !ever_funded {
