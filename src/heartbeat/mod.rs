@@ -23,10 +23,11 @@ pub use scheduler::{multiplier_for, plan, RunOutcome, RunRecord, Scheduler, TICK
 pub use spec::{Cadence, Entry, HeartbeatFile};
 pub use tasks::{HeartbeatTask, TaskContext, TaskError, TaskRegistry, TaskReport};
 
+use crate::money::tiers::{heartbeat_multiplier, tier_of, SurvivalTier};
 use crate::state::StateError;
 
 /// The kv key holding the survival tier (written by the money subsystem; `normal` when unset).
-pub const TIER_KEY: &str = "money.tier";
+pub use crate::money::tiers::TIER_KEY;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatError {
@@ -97,17 +98,15 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// How much slower the schedule runs in each survival tier: every interval is multiplied by this.
+/// How much slower the schedule runs in a survival tier (`money::tiers::heartbeat_multiplier`): every interval
+/// is multiplied by this. An unknown tier name counts as normal.
 pub fn tier_multiplier(tier: &str) -> f64 {
-    match tier {
-        "low_compute" => 2.0,
-        "critical" => 4.0,
-        "dead" => 8.0,
-        _ => 1.0,
-    }
+    tier.parse::<SurvivalTier>()
+        .map(heartbeat_multiplier)
+        .unwrap_or(1.0)
 }
 
-/// The current survival tier from kv `money.tier` (`normal` when the wallet has not said).
+/// The current survival tier's name (`normal` when the wallet has not said).
 pub fn current_tier(conn: &Connection) -> rusqlite::Result<String> {
-    Ok(crate::state::history::kv_get(conn, TIER_KEY)?.unwrap_or_else(|| "normal".to_string()))
+    Ok(tier_of(conn)?.as_str().to_string())
 }
