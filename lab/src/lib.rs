@@ -2,6 +2,8 @@
 //! peers (hub/LSP, creator, merchant) on ldk-node, a scripted OpenAI-compatible model and a Nostr relay.
 
 pub mod chain;
+pub mod l402;
+pub mod lnvps;
 pub mod model;
 pub mod peers;
 pub mod relay;

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
 use crate::peers::{self, LabNode, LspInfo, Peers, PeersConfig};
+use crate::lnvps::{Lnvps, LnvpsSettings};
 use crate::relay::Relay;
 
 /// Height the initial chain is mined to: coinbase maturity (100) plus enough mature coinbases for the faucet.
@@ -45,6 +46,14 @@ pub struct LabJson {
     /// The lab's Nostr relay, `ws://127.0.0.1:PORT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_url: Option<String>,
+    /// The LNVPS double's API base URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lnvps_url: Option<String>,
+    /// The Conway double's API base URL and the API key it accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conway_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conway_api_key: Option<String>,
     pub lsp: LspInfo,
     pub nodes: BTreeMap<String, NodeInfo>,
     #[serde(flatten)]
@@ -122,6 +131,7 @@ pub struct World {
     chain: Chain,
     peers: Arc<Peers>,
     relay: Relay,
+    lnvps: Lnvps,
     lab_json: LabJson,
     servers: CancellationToken,
     /// The control server, model server and tip follower; awaited on shutdown so nothing holds the chain after.
@@ -183,6 +193,9 @@ impl World {
         let control_listener = bind_tcp(&mut state, "control").await?;
         let model_listener = bind_tcp(&mut state, "model").await?;
         let relay_listener = bind_tcp(&mut state, "relay").await?;
+        let l402_api_listener = bind_tcp(&mut state, "l402_api").await?;
+        let l402_model_listener = bind_tcp(&mut state, "l402_model").await?;
+        let lnvps_listener = bind_tcp(&mut state, "lnvps").await?;
         let hub_port = free_port(&mut state, "hub")?;
         let creator_port = free_port(&mut state, "creator")?;
         let merchant_port = free_port(&mut state, "merchant")?;
@@ -212,6 +225,15 @@ impl World {
         .await?;
         let peers = Arc::new(peers);
 
+        progress("starting the LNVPS double");
+        let lnvps = Lnvps::start(
+            &dir.join("lnvps"),
+            lnvps_listener,
+            Arc::clone(&peers),
+            LnvpsSettings::from_env(),
+        )
+        .await?;
+
         let servers = CancellationToken::new();
         let control_url = format!("http://{}", control_listener.local_addr()?);
         let height_chain = chain.clone();
@@ -221,19 +243,32 @@ impl World {
                 peers: Arc::clone(&peers),
                 chain_height: Arc::new(move || height_chain.tip_height()),
             }))
-            .merge(relay.control_router());
+            .merge(relay.control_router())
+            .merge(lnvps.control_router());
         let mut tasks = vec![
             serve(control_listener, control, servers.clone(), "control"),
             follow_tip(chain.clone(), Arc::clone(&peers), servers.clone()),
         ];
         let model_url = Some(format!("http://{}/v1", model_listener.local_addr()?));
         let relay_url = Some(relay.url());
+        let lnvps_url = Some(lnvps.url());
         tasks.push(serve(
             model_listener,
             crate::model::router(),
             servers.clone(),
             "model",
         ));
+        // The L402 sellers (paid to the merchant): listed in lab.json as l402_api_url / l402_model_url.
+        let (l402_api_url, l402_model_url, l402_tasks) = crate::l402::serve(
+            Arc::clone(&peers),
+            l402_api_listener,
+            l402_model_listener,
+            servers.clone(),
+        )?;
+        tasks.extend(l402_tasks);
+        let mut lab_extra = serde_json::Map::new();
+        lab_extra.insert("l402_api_url".into(), l402_api_url.into());
+        lab_extra.insert("l402_model_url".into(), l402_model_url.into());
 
         // From here on a failure still stops what was started (World's drop).
         let mut world = World {
@@ -241,19 +276,23 @@ impl World {
             chain,
             peers,
             relay,
+            lnvps,
             lab_json: LabJson {
                 network: "regtest".into(),
                 esplora_url,
                 control_url,
                 model_url,
                 relay_url,
+                lnvps_url,
+                conway_url: None,
+                conway_api_key: None,
                 lsp: LspInfo {
                     node_id: String::new(),
                     address: String::new(),
                     token: String::new(),
                 },
                 nodes: BTreeMap::new(),
-                extra: serde_json::Map::new(),
+                extra: lab_extra,
             },
             servers,
             tasks: Mutex::new(tasks),
@@ -394,6 +433,11 @@ impl World {
         &self.relay
     }
 
+    /// The LNVPS double (its URL, settings).
+    pub fn lnvps(&self) -> &Lnvps {
+        &self.lnvps
+    }
+
     /// The hub as an LSPS2 client configures it.
     pub fn lsp(&self) -> LspInfo {
         self.peers.lsp()
@@ -420,6 +464,7 @@ impl World {
                 abort.abort();
             }
         }
+        self.lnvps.shutdown().await;
         self.relay.shutdown().await;
         self.peers.stop().await;
         self.chain.shutdown().await;
@@ -448,6 +493,12 @@ impl World {
         }
         if let Some(relay) = &j.relay_url {
             out.push_str(&format!("  relay     {relay}\n"));
+        }
+        if let Some(lnvps) = &j.lnvps_url {
+            out.push_str(&format!(
+                "  lnvps     {lnvps}  (a month = {} s)\n",
+                self.lnvps.settings().month_secs
+            ));
         }
         out.push_str(&format!(
             "  lsp       {}@{} (token in lab.json)\n",
@@ -478,6 +529,7 @@ impl Drop for World {
             }
         }
         if !self.stopped.swap(true, Ordering::SeqCst) {
+            self.lnvps.halt();
             self.relay.halt();
             // The control server's router holds the peers too, so stop them here rather than wait for the last
             // reference to go.
