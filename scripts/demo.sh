@@ -8,7 +8,9 @@ cargo build --release --locked --bin automaton --bin automaton-lab
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/automaton-demo.XXXXXX")
 lab_pid=""
+agent_pid=""
 cleanup() {
+  if [ -n "$agent_pid" ]; then kill -TERM "$agent_pid" 2>/dev/null || true; wait "$agent_pid" 2>/dev/null || true; fi
   if [ -n "$lab_pid" ]; then kill -TERM "$lab_pid" 2>/dev/null || true; wait "$lab_pid" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
@@ -26,7 +28,45 @@ cat "$work/lab/lab.json" >&2
 
 export AUTOMATON_HOME="$work/agent"
 echo "==> setting up an agent in $AUTOMATON_HOME" >&2
-target/release/automaton setup --yes --name demo-agent --lab "$work/lab/lab.json"
+# The genesis prompt asks the lab's scripted model to give itself a heartbeat (lab-scenario: schedule).
+genesis="$(cat genesis/prompt.md)
+lab-scenario: schedule add lab_pulse 20s wake_agent"
+target/release/automaton setup --yes --name demo-agent --lab "$work/lab/lab.json" --genesis-prompt "$genesis"
+control=$(jq -r .control_url "$work/lab/lab.json")
+echo "==> starting the agent: its node, HTTP face and Lightning address (log: $work/agent.log)" >&2
+target/release/automaton run >"$work/agent.log" 2>&1 &
+agent_pid=$!
+target/release/automaton wallet balance --json >/dev/null   # waits for the node and its LSP
+target/release/automaton fund
+address=$(target/release/automaton fund --json 2>/dev/null | jq -r .lightning_address)
+echo "==> the creator pays $address 50,000 sats (LNURL-pay, with a comment)" >&2
+curl -fsS -X POST "$control/lab/creator/pay-lnurl" -H 'content-type: application/json' \
+  -d "{\"target\": \"$address\", \"sats\": 50000, \"comment\": \"welcome to the world\"}" >&2
+echo >&2
+for _ in $(seq 1 120); do
+  [ "$(target/release/automaton wallet balance --json | jq .spendable_lightning_sats)" -gt 0 ] && break
+  sleep 0.5
+done
+api=$(jq -r '.l402_api_url // empty' "$work/lab/lab.json")
+if [ -n "$api" ]; then
+  echo "==> the agent buys an L402 call from $api" >&2
+  target/release/automaton l402 fetch "$api" --json
+  echo "==> and again: the cached credential is sent, nothing is paid" >&2
+  target/release/automaton l402 fetch "$api" --json
+fi
+target/release/automaton wallet receipts
+echo "==> its schedule: the agent added lab_pulse itself, a heartbeat that wakes it every 20 s" >&2
+for _ in $(seq 1 90); do
+  target/release/automaton logs --json --limit 50 | jq -e 'any(.[]; .input_source == "heartbeat")' >/dev/null && break
+  sleep 1
+done
+target/release/automaton heartbeat list
+echo "==> turns the heartbeat woke it for" >&2
+target/release/automaton logs --json --limit 50 |
+  jq -r '.[] | select(.input_source == "heartbeat") | "\(.started_at)  \(.input | gsub("\n"; " "))"'
+echo "==> the change log: every change to its definition, by whom (revert any with automaton revert ID)" >&2
+target/release/automaton logs --changes
+kill -TERM "$agent_pid"; wait "$agent_pid" || true; agent_pid=""
 echo "==> running 5 turns" >&2
 target/release/automaton run --turns 5
 echo "==> what it did" >&2

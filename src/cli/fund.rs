@@ -45,7 +45,10 @@ pub fn execute(home: &Home, overrides: &[Override], args: FundArgs) -> anyhow::R
     };
     let advertised = Advertised::from_config(&config, None);
     let mut out = Map::new();
-    out.insert("lightning_address".into(), json!(advertised.lightning_address));
+    out.insert(
+        "lightning_address".into(),
+        json!(advertised.lightning_address),
+    );
     out.insert("lnurl".into(), json!(advertised.lnurl));
     let qr_payload = match args.sats {
         Some(sats) => {
@@ -148,8 +151,8 @@ fn write_png(code: &QrCode, path: &Path) -> anyhow::Result<()> {
             pixels[row + x * PNG_SCALE..row + (x + 1) * PNG_SCALE].fill(0);
         }
     }
-    let file = std::fs::File::create(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), side as u32, side as u32);
     encoder.set_color(png::ColorType::Grayscale);
     encoder.set_depth(png::BitDepth::Eight);

@@ -28,6 +28,18 @@ enum L402Command {
     Fetch(FetchArgs),
     /// The cached L402 credentials: origin, path, price, expiry
     Tokens(TokensArgs),
+    /// Drop cached credentials: those covering URL, or --all (the next fetch buys anew)
+    Forget(ForgetArgs),
+}
+
+#[derive(Debug, Args)]
+struct ForgetArgs {
+    /// Drop the credentials of this URL's origin that cover its path
+    #[arg(required_unless_present = "all")]
+    url: Option<String>,
+    /// Drop every cached credential
+    #[arg(long, conflicts_with = "url")]
+    all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +83,12 @@ pub fn execute(home: &Home, args: L402Args) -> anyhow::Result<()> {
     match args.command {
         L402Command::Fetch(args) => fetch(home, args),
         L402Command::Tokens(args) => tokens(home, args),
+        L402Command::Forget(args) => {
+            let db = Db::open(&home.db_path())?;
+            let dropped = crate::l402::client::forget_tokens(&db, args.url.as_deref())?;
+            eprintln!("dropped {dropped} cached credential(s)");
+            Ok(())
+        }
     }
 }
 
@@ -126,7 +144,10 @@ fn fetch(home: &Home, args: FetchArgs) -> anyhow::Result<()> {
             result["payment_hash"].as_str().unwrap_or_default()
         )
     } else if result["from_cache"].as_bool() == Some(true) {
-        format!("HTTP {} · cached credential, nothing paid", result["status"])
+        format!(
+            "HTTP {} · cached credential, nothing paid",
+            result["status"]
+        )
     } else {
         format!("HTTP {} · nothing paid", result["status"])
     };

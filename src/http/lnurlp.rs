@@ -207,10 +207,7 @@ pub async fn verify(State(state): State<Arc<FaceState>>, Path(hash): Path<String
     };
     // The node's own payment store decides; the receipt (written by the event pump a moment later) is the
     // fallback while the node is down.
-    let from_node = state
-        .wallet
-        .as_ref()
-        .and_then(|w| w.inbound_payment(&hash));
+    let from_node = state.wallet.as_ref().and_then(|w| w.inbound_payment(&hash));
     let (settled, preimage) = match from_node {
         Some(p) => (p.settled, p.preimage.filter(|_| p.settled)),
         None => match receipts::get_by_hash(&state.db, &hash, Direction::In).await {

@@ -289,7 +289,10 @@ mod tests {
 
     #[test]
     fn names_follow_lud16() {
-        assert_eq!(lightning_name(&config("Demo Agent!", None, "regtest")), "demo-agent");
+        assert_eq!(
+            lightning_name(&config("Demo Agent!", None, "regtest")),
+            "demo-agent"
+        );
         assert_eq!(lightning_name(&config("  ", None, "regtest")), "agent");
         let mut c = config("x", None, "regtest");
         c.http.lnurl.name = Some("tips".into());
@@ -303,7 +306,10 @@ mod tests {
             None,
         );
         assert_eq!(lab.public_url, "http://127.0.0.1:4100");
-        assert_eq!(lab.lightning_address.as_deref(), Some("alice@127.0.0.1:4100"));
+        assert_eq!(
+            lab.lightning_address.as_deref(),
+            Some("alice@127.0.0.1:4100")
+        );
         let decoded = crate::lnurl::decode(lab.lnurl.as_deref().unwrap()).unwrap();
         assert_eq!(decoded, "http://127.0.0.1:4100/.well-known/lnurlp/alice");
 

@@ -30,6 +30,8 @@ use crate::wallet::{Wallet, WalletError};
 
 /// The cap of one purchase when the caller names none, in sats (lnget's default `--max-cost`).
 pub const DEFAULT_MAX_SATS: u64 = 1_000;
+/// How long paid inference waits for a node that is still starting.
+const READY_WAIT: Duration = Duration::from_secs(60);
 /// Default timeout of one HTTP exchange.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest response body read (a paid API answer, a model completion).
@@ -259,21 +261,25 @@ impl L402Client {
 
     /// Fetches `request.url`, buying an L402 credential when the server asks for one and policy allows.
     pub async fn fetch(&self, request: FetchRequest) -> Result<FetchResponse, L402Error> {
-        let url = Url::parse(request.url.trim())
-            .map_err(|e| L402Error::BadRequest(format!("`{}` is not a URL: {e}", request.url.trim())))?;
+        let url = Url::parse(request.url.trim()).map_err(|e| {
+            L402Error::BadRequest(format!("`{}` is not a URL: {e}", request.url.trim()))
+        })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(L402Error::BadRequest(format!(
                 "`{url}` must be an http:// or https:// URL"
             )));
         }
         let method = Method::from_bytes(request.method.trim().to_ascii_uppercase().as_bytes())
-            .map_err(|_| L402Error::BadRequest(format!("`{}` is not an HTTP method", request.method)))?;
+            .map_err(|_| {
+                L402Error::BadRequest(format!("`{}` is not an HTTP method", request.method))
+            })?;
         let mut headers = HeaderMap::new();
         for (name, value) in &request.headers {
             let name = HeaderName::from_bytes(name.trim().as_bytes())
                 .map_err(|_| L402Error::BadRequest(format!("`{name}` is not a header name")))?;
-            let value = HeaderValue::from_str(value.trim())
-                .map_err(|_| L402Error::BadRequest(format!("the value of header {name} is not valid")))?;
+            let value = HeaderValue::from_str(value.trim()).map_err(|_| {
+                L402Error::BadRequest(format!("the value of header {name} is not valid"))
+            })?;
             headers.append(name, value);
         }
         let body = request.body.clone().unwrap_or_default();
@@ -289,7 +295,10 @@ impl L402Client {
         // A credential bought earlier for this origin and path goes out on the first attempt.
         let cached = self.cached_token(&url).await?;
         let first = self
-            .send(&exchange, cached.as_ref().map(|t| (t.token.as_str(), &t.preimage)))
+            .send(
+                &exchange,
+                cached.as_ref().map(|t| (t.token.as_str(), &t.preimage)),
+            )
             .await?;
         if first.status != StatusCode::PAYMENT_REQUIRED {
             if let Some(token) = &cached {
@@ -335,7 +344,9 @@ impl L402Client {
         let challenge = l402::preferred(&challenges)
             .ok_or_else(|| refuse("no L402 challenge".into()))?
             .clone();
-        let committed = challenge.payment_hash().map_err(|e| refuse(e.to_string()))?;
+        let committed = challenge
+            .payment_hash()
+            .map_err(|e| refuse(e.to_string()))?;
         let macaroon = challenge.macaroon().map_err(|e| refuse(e.to_string()))?;
         let invoice = self
             .wallet
@@ -359,7 +370,11 @@ impl L402Client {
         }
         let host = exchange.url.host_str().unwrap_or_default().to_string();
         let purpose = match request.purpose.as_deref().map(str::trim) {
-            Some(p) if !p.is_empty() => format!("{p}: L402 {} {host}{}", exchange.method, exchange.url.path()),
+            Some(p) if !p.is_empty() => format!(
+                "{p}: L402 {} {host}{}",
+                exchange.method,
+                exchange.url.path()
+            ),
             _ => format!("L402 {} {host}{}", exchange.method, exchange.url.path()),
         };
         // Stable per invoice, so an approval asked for this purchase matches the same request again.
@@ -378,17 +393,20 @@ impl L402Client {
         let permit = spend::authorize(&self.wallet, spend, ApprovalWait::default()).await?;
         tracing::info!(url = %crate::lnurl::redacted(&exchange.url), payment_hash = %hash, amount_msat = price_msat,
             "buying an L402 credential");
-        let (paid_msat, fee_msat, receipt_id) = match self.wallet.pay_invoice(permit, &invoice).await {
-            Ok(paid) => (paid.amount_msat, paid.fee_msat, paid.receipt_id),
-            // Paid before (a retry after a crash, a concurrent request): the proof is already on file.
-            Err(WalletError::DuplicatePayment { .. }) => {
-                match receipts::get_by_hash(self.db(), &hash, Direction::Out).await? {
-                    Some(r) if r.status == ReceiptStatus::Succeeded => (0, 0, r.id),
-                    _ => return Err(WalletError::DuplicatePayment { payment_hash: hash }.into()),
+        let (paid_msat, fee_msat, receipt_id) =
+            match self.wallet.pay_invoice(permit, &invoice).await {
+                Ok(paid) => (paid.amount_msat, paid.fee_msat, paid.receipt_id),
+                // Paid before (a retry after a crash, a concurrent request): the proof is already on file.
+                Err(WalletError::DuplicatePayment { .. }) => {
+                    match receipts::get_by_hash(self.db(), &hash, Direction::Out).await? {
+                        Some(r) if r.status == ReceiptStatus::Succeeded => (0, 0, r.id),
+                        _ => {
+                            return Err(WalletError::DuplicatePayment { payment_hash: hash }.into())
+                        }
+                    }
                 }
-            }
-            Err(e) => return Err(e.into()),
-        };
+                Err(e) => return Err(e.into()),
+            };
         let receipt = receipts::get_by_hash(self.db(), &hash, Direction::Out)
             .await?
             .ok_or_else(|| crate::money::MoneyError::UnknownReceipt(hash.clone()))?;
@@ -400,7 +418,8 @@ impl L402Client {
             .ok_or_else(|| {
                 L402Error::Wallet(WalletError::PaymentFailed {
                     payment_hash: hash.clone(),
-                    reason: "the payment reported success without a preimage matching its hash".into(),
+                    reason: "the payment reported success without a preimage matching its hash"
+                        .into(),
                 })
             })?;
         let token_id = l402::Identifier::decode(macaroon.identifier())
@@ -422,7 +441,11 @@ impl L402Client {
         receipts::set_body_hashes(
             self.db(),
             &receipt_id,
-            Some(request_hash(exchange.method.as_str(), exchange.url.as_str(), &exchange.body)),
+            Some(request_hash(
+                exchange.method.as_str(),
+                exchange.url.as_str(),
+                &exchange.body,
+            )),
             Some(receipts::body_hash(&answer.body)),
         )
         .await?;
@@ -474,7 +497,9 @@ impl L402Client {
             .timeout(exchange.timeout);
         if let Some((token, preimage)) = credential {
             let value = HeaderValue::from_str(&l402::format_authorization(token, preimage))
-                .map_err(|_| L402Error::BadRequest("the cached credential is not a valid header".into()))?;
+                .map_err(|_| {
+                    L402Error::BadRequest("the cached credential is not a valid header".into())
+                })?;
             builder = builder.header(AUTHORIZATION, value);
         }
         if !exchange.body.is_empty() {
@@ -522,7 +547,11 @@ impl L402Client {
                      ORDER BY length(path_prefix) DESC",
                 )?;
                 let rows = stmt.query_map([&origin], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
                     .map(|rows| (origin, rows))
@@ -649,6 +678,32 @@ pub fn list_tokens(db: &Db) -> Result<Vec<TokenInfo>, crate::state::StateError> 
     })
 }
 
+/// Drops the cached credentials covering `url` (every one with `None`); returns how many.
+pub fn forget_tokens(db: &Db, url: Option<&str>) -> Result<usize, L402Error> {
+    let Some(url) = url else {
+        return Ok(db.call_blocking(|c| c.execute("DELETE FROM l402_tokens", []))?);
+    };
+    let url = Url::parse(url.trim())
+        .map_err(|e| L402Error::BadRequest(format!("`{}` is not a URL: {e}", url.trim())))?;
+    let origin = origin_of(&url);
+    let path = url.path().to_string();
+    Ok(db.call_blocking(move |c| {
+        let prefixes: Vec<String> = {
+            let mut stmt = c.prepare("SELECT path_prefix FROM l402_tokens WHERE origin = ?1")?;
+            let rows = stmt.query_map([&origin], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut dropped = 0;
+        for prefix in prefixes.into_iter().filter(|p| path_covers(p, &path)) {
+            dropped += c.execute(
+                "DELETE FROM l402_tokens WHERE origin = ?1 AND path_prefix = ?2",
+                rusqlite::params![origin, prefix],
+            )?;
+        }
+        Ok(dropped)
+    })?)
+}
+
 /// The payment hash a cached credential for `url` was bought with, if one is cached (tests, `status`).
 pub fn cached_payment_hash(db: &Db, url: &str) -> Option<String> {
     let url = Url::parse(url).ok()?;
@@ -726,6 +781,12 @@ impl PaidHttp for InferencePayer {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<PaidHttpResponse, InferenceError> {
+        // The node may still be starting when the first turn thinks: wait for it rather than fail the call.
+        if let Err(e) = self.client.wallet.wait_ready(timeout.min(READY_WAIT)).await {
+            return Err(InferenceError::Network(format!(
+                "cannot pay for inference yet: {e}"
+            )));
+        }
         let request = FetchRequest {
             url: url.to_string(),
             method: "POST".into(),
@@ -750,9 +811,11 @@ impl PaidHttp for InferencePayer {
                 }
             }
             Err(L402Error::BadRequest(m)) => Err(InferenceError::Config(m)),
-            Err(L402Error::Wallet(WalletError::NotReady { reason })) => Err(InferenceError::Network(
-                format!("cannot pay for inference yet: the Lightning node is not ready ({reason})"),
-            )),
+            Err(L402Error::Wallet(WalletError::NotReady { reason })) => {
+                Err(InferenceError::Network(format!(
+                    "cannot pay for inference yet: the Lightning node is not ready ({reason})"
+                )))
+            }
             Err(other) => Err(InferenceError::PaymentRequired {
                 challenge: None,
                 message: format!("paying for inference over L402 failed: {other}"),

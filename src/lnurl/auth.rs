@@ -43,12 +43,7 @@ pub fn parse_request(target: &str, network: &str) -> Result<AuthRequest, LnurlEr
         .query_pairs()
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
-    let get = |key: &str| {
-        pairs
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    };
+    let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     match get("tag").as_deref() {
         Some("login") => {}
         Some(other) => {
@@ -64,9 +59,8 @@ pub fn parse_request(target: &str, network: &str) -> Result<AuthRequest, LnurlEr
             )))
         }
     }
-    let k1_text = get("k1").ok_or_else(|| {
-        LnurlError::Invalid(format!("{} has no k1 challenge", redacted(&url)))
-    })?;
+    let k1_text = get("k1")
+        .ok_or_else(|| LnurlError::Invalid(format!("{} has no k1 challenge", redacted(&url))))?;
     let k1: [u8; 32] = hex::decode(k1_text.trim())
         .ok()
         .and_then(|b| b.try_into().ok())
@@ -75,7 +69,8 @@ pub fn parse_request(target: &str, network: &str) -> Result<AuthRequest, LnurlEr
         })?;
     if pairs.iter().any(|(k, _)| k == "sig" || k == "key") {
         return Err(LnurlError::Invalid(
-            "the URL already carries sig/key parameters: refusing to sign a pre-signed request".into(),
+            "the URL already carries sig/key parameters: refusing to sign a pre-signed request"
+                .into(),
         ));
     }
     let action = get("action").map(|a| a.to_ascii_lowercase());
@@ -183,7 +178,8 @@ mod tests {
         assert_eq!(request.domain, "site.com");
         assert_eq!(request.action.as_deref(), Some("register"));
         let (url, public) = signed_url(&identity(), &request);
-        let pairs: std::collections::HashMap<String, String> = url.query_pairs().into_owned().collect();
+        let pairs: std::collections::HashMap<String, String> =
+            url.query_pairs().into_owned().collect();
         assert_eq!(pairs["k1"], K1);
         assert_eq!(pairs["key"], public.to_string());
         let sig = Signature::from_der(&hex::decode(&pairs["sig"]).unwrap()).unwrap();
@@ -197,7 +193,11 @@ mod tests {
             "bitcoin",
         )
         .unwrap();
-        assert_ne!(signed_url(&identity(), &other).1, public, "one key per domain");
+        assert_ne!(
+            signed_url(&identity(), &other).1,
+            public,
+            "one key per domain"
+        );
     }
 
     #[test]

@@ -73,7 +73,8 @@ impl ToolHandler for L402FetchTool {
             .wait_ready(READY_WAIT)
             .await
             .map_err(|e| ToolError::Respond(e.to_string()))?;
-        let client = L402Client::new(wallet.clone()).map_err(|e| ToolError::Respond(e.to_string()))?;
+        let client =
+            L402Client::new(wallet.clone()).map_err(|e| ToolError::Respond(e.to_string()))?;
         let method = args.method.clone().unwrap_or_else(|| {
             if args.body.is_some() {
                 "POST".into()
@@ -99,7 +100,8 @@ impl ToolHandler for L402FetchTool {
                         while !text.is_char_boundary(cut) {
                             cut -= 1;
                         }
-                        summary["body"] = json!(format!("{}… [{} bytes in all]", &text[..cut], text.len()));
+                        summary["body"] =
+                            json!(format!("{}… [{} bytes in all]", &text[..cut], text.len()));
                     }
                 }
                 summary["paid_sats"] = json!(response.paid_msat / 1000);
