@@ -3,10 +3,11 @@
 
 mod common;
 
-use automaton::config::Config;
+use automaton::config::{Config, TierThresholds};
+use automaton::money::tiers::{self, SurvivalTier};
 use automaton::money::{BudgetError, BudgetPolicy, Rail, SpendRequest};
-use common::TestHome;
-use serde_json::Value;
+use common::{text, tool_call, ModelServer, TestHome};
+use serde_json::{json, Value};
 
 /// Setup needs an endpoint but never calls it.
 const NO_MODEL: &str = "http://127.0.0.1:9/v1";
@@ -341,4 +342,166 @@ fn money_commands_need_an_agent() {
             "{args:?}"
         );
     }
+}
+
+/// The model each request asked for.
+fn models_asked(model: &ModelServer) -> Vec<String> {
+    model
+        .requests()
+        .iter()
+        .map(|r| r.body["model"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A home whose tier the test sets itself (as the wallet would from its balance): no wallet.json, so `run` starts
+/// no node that would report an unknown balance.
+fn home_without_wallet(model_url: &str, config_from: Option<&str>) -> TestHome {
+    let h = TestHome::new();
+    let fragment = h.dir.path().join("fragment.yaml");
+    match config_from {
+        Some(yaml) => {
+            std::fs::write(&fragment, yaml).unwrap();
+            h.setup_with(
+                model_url,
+                "Test survival tiers.",
+                &["--config-from", fragment.to_str().unwrap()],
+            );
+        }
+        None => h.setup(model_url, "Test survival tiers."),
+    }
+    let _ = std::fs::remove_file(h.home().wallet_path());
+    h
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_changes_the_model_the_tools_and_thinking_and_funding_brings_it_back() {
+    // Critical turns try a dangerous tool first; every other answer is plain text.
+    let model = ModelServer::openai(|_, body| {
+        let tool_results = body["messages"]
+            .as_array()
+            .map(|m| m.iter().filter(|m| m["role"] == "tool").count())
+            .unwrap_or(0);
+        if body["model"] == "tiny-model" && tool_results == 0 {
+            tool_call(
+                "update_genesis_prompt",
+                json!({"prompt": "Spend everything.", "reason": "panic"}),
+            )
+        } else {
+            text("noted")
+        }
+    })
+    .await;
+    let h = home_without_wallet(&model.base_url(), None);
+    let env = [
+        (
+            "AUTOMATON__INFERENCE__TIER_MODELS__LOW_COMPUTE",
+            "small-model",
+        ),
+        ("AUTOMATON__INFERENCE__TIER_MODELS__CRITICAL", "tiny-model"),
+    ];
+    let thresholds = TierThresholds {
+        dead_grace_secs: 0,
+        ..TierThresholds::default()
+    };
+    let db = h.db();
+
+    h.run_turns(1, &env);
+    assert_eq!(models_asked(&model), ["scripted-test-model"]);
+
+    let u = tiers::update_tier(&db, Some(30_000), &thresholds)
+        .await
+        .unwrap();
+    assert_eq!(u.tier, SurvivalTier::Normal);
+    let u = tiers::update_tier(&db, Some(10_000), &thresholds)
+        .await
+        .unwrap();
+    assert_eq!(u.tier, SurvivalTier::LowCompute);
+    h.run_turns(1, &env);
+    assert_eq!(models_asked(&model)[1], "small-model");
+
+    let u = tiers::update_tier(&db, Some(100), &thresholds)
+        .await
+        .unwrap();
+    assert_eq!((u.tier, u.distress), (SurvivalTier::Critical, true));
+    h.run_turns(1, &env);
+    let asked = models_asked(&model);
+    assert_eq!(&asked[2..], ["tiny-model", "tiny-model"]);
+    // The distress reached the agent as its own wake event …
+    let first_critical = &model.requests()[2];
+    assert!(
+        first_critical
+            .last_user_text()
+            .contains("distress: survival tier is now critical"),
+        "{}",
+        first_critical.last_user_text()
+    );
+    // … and the dangerous tool was refused by the gate, not run.
+    let rows = h.tool_call_rows();
+    let (name, _, result, is_error) = rows.last().unwrap();
+    assert_eq!(name, "update_genesis_prompt");
+    assert!(
+        *is_error && result.contains("survival tier is critical"),
+        "{result}"
+    );
+    assert!(!std::fs::read_to_string(h.home().genesis_prompt_path())
+        .unwrap_or_default()
+        .contains("Spend everything"));
+
+    // Dead: no thinking at all.
+    let u = tiers::update_tier(&db, Some(0), &thresholds).await.unwrap();
+    assert_eq!(u.tier, SurvivalTier::Dead);
+    h.run_turns(1, &env);
+    assert_eq!(model.requests().len(), 4, "a dead agent asks no model");
+    assert_eq!(h.turn_outcomes().last().map(String::as_str), Some("error"));
+
+    // Funds arrive: resurrected, back to the default model, told why it woke.
+    let u = tiers::update_tier(&db, Some(50_000), &thresholds)
+        .await
+        .unwrap();
+    assert_eq!((u.tier, u.resurrected), (SurvivalTier::Normal, true));
+    h.run_turns(1, &env);
+    let last = model.requests().last().unwrap().clone();
+    assert_eq!(last.body["model"], "scripted-test-model");
+    assert!(
+        last.last_user_text().contains("resurrected"),
+        "{}",
+        last.last_user_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn priced_inference_stops_at_the_daily_inference_cap() {
+    let model = ModelServer::openai(|n, _| match n {
+        0 => tool_call("system_synopsis", json!({})),
+        _ => text("done"),
+    })
+    .await;
+    // 100 prompt tokens at 50 sat/1k + 10 completion tokens at 100 sat/1k = 6 sats a call.
+    let h = home_without_wallet(
+        &model.base_url(),
+        Some("inference:\n  price:\n    input_msat_per_1k_tokens: 50000\n    output_msat_per_1k_tokens: 100000\n"),
+    );
+    let env = [("AUTOMATON__LIMITS__INFERENCE_DAILY_SATS", "10")];
+    h.run_turns(1, &env);
+    assert_eq!(model.requests().len(), 2);
+    h.run_turns(1, &env);
+    assert_eq!(model.requests().len(), 2, "the cap is spent: no more calls");
+    let error: String = h
+        .db()
+        .call_blocking(|c| {
+            c.query_row(
+                "SELECT error FROM inference_calls ORDER BY rowid DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap();
+    assert!(error.contains("daily inference cap of 10 sats"), "{error}");
+    let out = h
+        .automaton()
+        .env("AUTOMATON__LIMITS__INFERENCE_DAILY_SATS", "10")
+        .args(["budget", "show", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(json_of(&out)["inference_day_sats"], 12);
 }
