@@ -365,7 +365,8 @@ mod tests {
         let t = TierThresholds::default();
         let grace = t.dead_grace_secs as i64;
         // (balance, burn/day, ever funded, zero since (secs before now), expected)
-        let cases: Vec<(Option<u64>, u64, bool, Option<i64>, SurvivalTier)> = vec![
+        type Case = (Option<u64>, u64, bool, Option<i64>, SurvivalTier);
+        let cases: Vec<Case> = vec![
             (None, 0, true, None, Normal),
             (None, 0, false, None, Normal),
             (Some(0), 0, false, None, Critical),
@@ -471,7 +472,7 @@ mod tests {
         assert!(wake_events(&db).is_empty());
         let u = step(Some(30_000), 1);
         assert_eq!((u.tier, u.changed), (Normal, true));
-        assert_eq!(step(Some(30_000), 2).changed, false, "idempotent");
+        assert!(!step(Some(30_000), 2).changed, "idempotent");
         assert_eq!(step(Some(10_000), 3).tier, LowCompute);
         assert_eq!(
             step(None, 4).tier,
