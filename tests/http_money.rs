@@ -798,6 +798,20 @@ async fn the_agent_thinks_on_the_l402_paid_model_paying_per_call() {
         fund_via_address(world, &agent, &address, 60_000, "for thinking").await;
         running.stop();
     }
+    let count_calls = || -> (i64, i64) {
+        agent
+            .db()
+            .call_blocking(|c| {
+                c.query_row(
+                    "SELECT COUNT(*), COUNT(error) FROM inference_calls",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .unwrap()
+    };
+    // The funding run thought on the free model; only the calls after it are paid.
+    let (free_calls, free_failed) = count_calls();
     let base_url = format!("inference.base_url={model_url}");
     let out = tokio::task::block_in_place(|| {
         agent.run(&[
@@ -815,16 +829,8 @@ async fn the_agent_thinks_on_the_l402_paid_model_paying_per_call() {
         "run on the paid model failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (calls, failed): (i64, i64) = agent
-        .db()
-        .call_blocking(|c| {
-            c.query_row(
-                "SELECT COUNT(*), COUNT(error) FROM inference_calls",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-        })
-        .unwrap();
+    let (all_calls, all_failed) = count_calls();
+    let (calls, failed) = (all_calls - free_calls, all_failed - free_failed);
     assert!(calls >= 2, "two turns think at least twice ({calls} calls)");
     assert_eq!(failed, 0, "every call was paid and answered");
     let paid: Vec<Value> = out_receipts(&agent)
@@ -856,37 +862,65 @@ async fn the_agent_thinks_on_the_l402_paid_model_paying_per_call() {
 async fn the_agent_buys_from_the_lab_l402_api() {
     let world = world::shared();
     let api = l402_api_url(world).expect("lab.json lists l402_api_url");
+    let base = api.trim_end_matches("/api").to_string();
     let agent = lab_agent(world, "api-buyer", &[]);
     let _running = agent.start();
     agent.wait_ready();
     let (address, _) = agent.face();
     fund_via_address(world, &agent, &address, 30_000, "api money").await;
 
+    // Refused before paying: above the default cap, a challenge without an invoice, a macaroon for another hash.
+    for (path, code) in [
+        ("/test/expensive", 2),
+        ("/test/malformed", 2),
+        ("/test/mismatch", 2),
+    ] {
+        let out = fetch(&agent, &[&format!("{base}{path}")]);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(out_receipts(&agent).is_empty(), "nothing was paid");
+
+    // The round trip: paid once, then the credential serves the same service below the path it was bought for.
     let first = fetch_json(&agent, &[&api]);
     assert_eq!(first["status"], 200, "{first}");
-    assert!(first["paid_msat"].as_u64().unwrap() > 0);
-    let price_sats = first["paid_msat"].as_u64().unwrap() / 1000;
-    let cached = fetch_json(&agent, &[&api]);
-    assert_eq!(cached["from_cache"], true, "{cached}");
-    assert_eq!(cached["paid_msat"], 0);
+    assert_eq!(first["paid_msat"], 10_000);
+    assert!(
+        first["body"].is_object(),
+        "JSON answers are parsed: {first}"
+    );
+    for url in [api.clone(), format!("{api}/quote")] {
+        let cached = fetch_json(&agent, &[&url]);
+        assert_eq!(cached["from_cache"], true, "{url}: {cached}");
+        assert_eq!(cached["paid_msat"], 0);
+    }
+    let echo = fetch_json(&agent, &[&format!("{api}/echo"), "-d", "hello lab"]);
+    assert_eq!(echo["status"], 200, "{echo}");
+    assert_eq!(echo["from_cache"], true);
+    assert!(echo["body"].to_string().contains("hello lab"), "{echo}");
     let receipts: Vec<Value> = out_receipts(&agent);
-    assert_eq!(receipts.len(), 1);
+    assert_eq!(receipts.len(), 1, "{receipts:#?}");
     assert_eq!(receipts[0]["rail"], "l402");
     assert_eq!(receipts[0]["meta"]["url"], api.as_str());
+    assert_eq!(receipts[0]["counterparty"], "127.0.0.1");
 
-    // A cap below the price refuses before paying (a fresh home has no cached credential).
-    let stranger = lab_agent(world, "api-refuser", &[]);
-    let _running2 = stranger.start();
-    stranger.wait_ready();
-    let out = fetch(
-        &stranger,
-        &[&api, "--max-sats", &(price_sats - 1).to_string()],
-    );
+    // The other challenge forms pay as well.
+    for path in ["/test/token-form", "/test/lsat-only"] {
+        let bought = fetch_json(&agent, &[&format!("{base}{path}")]);
+        assert_eq!(bought["status"], 200, "{path}: {bought}");
+        assert_eq!(bought["paid_msat"], 10_000, "{path}");
+    }
+    // A server that never accepts its own credential: exit 3, paid once.
+    let out = fetch(&agent, &[&format!("{base}/test/always-402")]);
     assert_eq!(
         out.status.code(),
-        Some(2),
+        Some(3),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out_receipts(&stranger).is_empty());
+    assert_eq!(out_receipts(&agent).len(), 4);
 }

@@ -48,6 +48,30 @@ fn error(reason: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// At most this many LNURL-pay invoices a minute: each one costs the node work (and may ask the LSP for a JIT
+/// channel), and the callback is open to anyone.
+const INVOICES_PER_MINUTE: usize = 60;
+
+impl FaceState {
+    fn allow_invoice(&self) -> bool {
+        let now = std::time::Instant::now();
+        let Ok(mut recent) = self.recent_invoices.lock() else {
+            return false;
+        };
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > std::time::Duration::from_secs(60))
+        {
+            recent.pop_front();
+        }
+        if recent.len() >= INVOICES_PER_MINUTE {
+            return false;
+        }
+        recent.push_back(now);
+        true
+    }
+}
+
 /// LUD-16: `name+tag` is `name`.
 fn known_name(state: &FaceState, requested: &str) -> bool {
     let base = requested.split('+').next().unwrap_or_default();
@@ -122,6 +146,9 @@ pub async fn callback(
                 config.comment_chars
             ));
         }
+    }
+    if !state.allow_invoice() {
+        return error("too many invoices requested; try again in a minute");
     }
     let hash: [u8; 32] = Sha256::digest(state.metadata.as_bytes()).into();
     let created = match wallet

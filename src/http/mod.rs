@@ -155,6 +155,8 @@ pub struct FaceState {
     pub advertised: Advertised,
     /// The LNURL-pay metadata string, built once so it is served byte-for-byte the same every time.
     pub metadata: String,
+    /// When recent LNURL-pay invoices were issued (anyone can ask for one: this bounds how fast).
+    pub recent_invoices: std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
 }
 
 /// The face's routes: LNURL-pay and `automaton.json`, plus whatever `extra` adds (the L402 seller's routes).
@@ -214,6 +216,7 @@ pub async fn serve(
         wallet,
         advertised: advertised.clone(),
         metadata,
+        recent_invoices: Default::default(),
     });
     let app = router(state, extra);
     tracing::info!(

@@ -247,7 +247,21 @@ fn now_unix() -> u64 {
 
 impl L402Client {
     pub fn new(wallet: Wallet) -> Result<L402Client, L402Error> {
+        // Redirects are followed within the origin only: a credential (and the cache entry it becomes) belongs to
+        // the origin that sold it, and a payment's counterparty is the host that was asked.
+        let redirects = reqwest::redirect::Policy::custom(|attempt| {
+            let same_origin = attempt
+                .previous()
+                .first()
+                .is_some_and(|first| origin_of(first) == origin_of(attempt.url()));
+            if attempt.previous().len() >= 10 || !same_origin {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        });
         let http = reqwest::Client::builder()
+            .redirect(redirects)
             .connect_timeout(Duration::from_secs(15))
             .user_agent(concat!("automaton/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -377,11 +391,9 @@ impl L402Client {
             ),
             _ => format!("L402 {} {host}{}", exchange.method, exchange.url.path()),
         };
-        // Stable per invoice, so an approval asked for this purchase matches the same request again.
-        let purpose: String = format!("{} ({})", purpose, &invoice.payment_hash[..16])
-            .chars()
-            .take(200)
-            .collect();
+        // No payment hash in it: every 402 brings a fresh invoice, and an approval the creator gives for "this call
+        // at this price" must match the next attempt. The receipts still pay each invoice at most once.
+        let purpose: String = purpose.chars().take(200).collect();
         let spend = SpendRequest {
             amount_msat: price_msat,
             max_fee_msat: spend::default_max_fee_msat(&self.wallet, price_msat),

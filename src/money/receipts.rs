@@ -688,6 +688,33 @@ pub async fn set_body_hashes(
     Ok(())
 }
 
+/// Merges `extra` into a receipt's `meta` object (an L402 call's URL, method and status). Clears the signature,
+/// like every change to a receipt: the wallet signs it again.
+pub async fn merge_meta(db: &Db, id: &str, extra: Value) -> Result<(), MoneyError> {
+    let id = id.to_string();
+    db.call(move |c| {
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let current: Option<String> = tx
+            .query_row("SELECT meta FROM receipts WHERE id = ?1", [&id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if let Some(current) = current {
+            let mut meta: Value = serde_json::from_str(&current).unwrap_or_else(|_| empty_object());
+            if let (Value::Object(target), Value::Object(add)) = (&mut meta, extra) {
+                target.extend(add);
+            }
+            tx.execute(
+                "UPDATE receipts SET meta = ?2, signature = NULL WHERE id = ?1",
+                params![id, canonical_json(&meta)],
+            )?;
+        }
+        tx.commit()
+    })
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -918,31 +945,4 @@ mod tests {
             Err(MoneyError::Invalid { .. })
         ));
     }
-}
-
-/// Merges `extra` into a receipt's `meta` object (an L402 call's URL, method and status). Clears the signature,
-/// like every change to a receipt: the wallet signs it again.
-pub async fn merge_meta(db: &Db, id: &str, extra: Value) -> Result<(), MoneyError> {
-    let id = id.to_string();
-    db.call(move |c| {
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let current: Option<String> = tx
-            .query_row("SELECT meta FROM receipts WHERE id = ?1", [&id], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        if let Some(current) = current {
-            let mut meta: Value = serde_json::from_str(&current).unwrap_or_else(|_| empty_object());
-            if let (Value::Object(target), Value::Object(add)) = (&mut meta, extra) {
-                target.extend(add);
-            }
-            tx.execute(
-                "UPDATE receipts SET meta = ?2, signature = NULL WHERE id = ?1",
-                params![id, canonical_json(&meta)],
-            )?;
-        }
-        tx.commit()
-    })
-    .await?;
-    Ok(())
 }

@@ -17,6 +17,7 @@ struct LabJson {
     relay_url: Option<String>,
     conway_url: Option<String>,
     conway_api_key: Option<String>,
+    l402_model_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +58,29 @@ pub fn write_secrets(home: &crate::home::Home, path: &Path) -> anyhow::Result<()
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
     }
     Ok(())
+}
+
+/// The lab's L402-paid model is opt-in: with `inference.auth: l402` (e.g. `-c inference.auth=l402`) and the lab's
+/// free model as the endpoint, setup points the agent at `l402_model_url` instead.
+pub fn apply_paid_model(config: &mut crate::config::Config, path: &Path) -> anyhow::Result<()> {
+    if config.inference.auth != crate::config::InferenceAuth::L402 {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let lab: LabJson = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{} is not a lab.json: {e}", path.display()))?;
+    match (lab.l402_model_url, lab.model_url) {
+        (Some(paid), Some(free)) if config.inference.base_url == free => {
+            config.inference.base_url = paid;
+            Ok(())
+        }
+        (None, _) => Err(anyhow::anyhow!(
+            "inference.auth is l402 but {} lists no l402_model_url; nothing was written",
+            path.display()
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn lab_layer(lab: LabJson) -> Value {
@@ -136,6 +160,34 @@ mod tests {
             crate::config::read_secret_file(&file).unwrap().expose(),
             "cnwy_k_lab"
         );
+    }
+
+    #[test]
+    fn the_paid_model_is_opt_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lab.json");
+        std::fs::write(
+            &path,
+            r#"{"model_url": "http://127.0.0.1:1/v1", "l402_model_url": "http://127.0.0.1:2/v1"}"#,
+        )
+        .unwrap();
+        let mut config = Config::default()
+            .merged(overlay(&path).unwrap(), "lab")
+            .unwrap();
+        apply_paid_model(&mut config, &path).unwrap();
+        assert_eq!(
+            config.inference.base_url, "http://127.0.0.1:1/v1",
+            "free by default"
+        );
+        config.inference.auth = crate::config::InferenceAuth::L402;
+        apply_paid_model(&mut config, &path).unwrap();
+        assert_eq!(config.inference.base_url, "http://127.0.0.1:2/v1");
+        std::fs::write(&path, r#"{"model_url": "http://127.0.0.1:1/v1"}"#).unwrap();
+        let mut config = Config::default()
+            .merged(overlay(&path).unwrap(), "lab")
+            .unwrap();
+        config.inference.auth = crate::config::InferenceAuth::L402;
+        assert!(apply_paid_model(&mut config, &path).is_err());
     }
 
     #[test]

@@ -128,6 +128,9 @@ pub fn run(home: &Home, request: &SetupRequest) -> anyhow::Result<SetupOutcome> 
             config.with_override(&o.key, &o.value, &format!("flag -c {}={}", o.key, o.value))?;
         given.note_key(&o.key);
     }
+    if let Some(lab_path) = &request.lab {
+        lab::apply_paid_model(&mut config, lab_path)?;
+    }
 
     // Read (and check) a restore file before anything is written: bad input loses nothing.
     let restored = match &request.mnemonic_file {
