@@ -59,29 +59,21 @@ impl Identity {
     }
 }
 
-/// The Lightning address, LNURL-pay URL and description URL implied by `http.public_url` (LUD-16: the user
-/// name is the agent's name; the host keeps its port, which the lab's loopback addresses need).
+/// The Lightning address, LNURL-pay URL and description URL the HTTP face advertises (`http.public_url`), so the
+/// card names exactly what the face serves. No address when the URL cannot serve LNURL (plain http off loopback).
 pub fn http_face(config: &Config) -> (Option<String>, Option<String>, Option<String>) {
-    let Some(public) = config.http.public_url.as_deref() else {
+    let advertised = crate::http::Advertised::from_config(config, None);
+    if config.http.public_url.is_none() && config.http.listen.is_none() {
         return (None, None, None);
-    };
-    let Ok(url) = reqwest::Url::parse(public) else {
-        return (None, None, None);
-    };
-    let Some(host) = url.host_str() else {
-        return (None, None, None);
-    };
-    let user = config.name.to_ascii_lowercase();
-    let authority = match url.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_string(),
-    };
-    let base = public.trim_end_matches('/');
-    (
-        Some(format!("{user}@{authority}")),
-        Some(format!("{base}/.well-known/lnurlp/{user}")),
-        Some(format!("{base}/.well-known/automaton.json")),
-    )
+    }
+    let lnurlp = advertised.lightning_address.as_ref().map(|_| {
+        format!(
+            "{}/.well-known/lnurlp/{}",
+            advertised.public_url, advertised.name
+        )
+    });
+    let web = format!("{}/.well-known/automaton.json", advertised.public_url);
+    (advertised.lightning_address, lnurlp, Some(web))
 }
 
 /// The card as it should read now: config, recorded identity, survival tier.
