@@ -155,16 +155,28 @@ async fn an_unknown_host_is_refused() {
 }
 
 #[tokio::test]
-async fn a_missing_key_is_a_clear_error() {
+async fn a_missing_key_is_made_and_the_refusal_says_which_line_to_authorise() {
     let sshd = Sshd::start();
     let work = tempfile::tempdir().unwrap();
     let mut target = sshd.target();
-    target.key_path = sshd.dir().join("no-such-key");
-    let compute = SshCompute::new(target, sshd.options(work.path())).unwrap();
-    match compute.check().await {
-        Err(ComputeError::Config(message)) => assert!(message.contains("no-such-key"), "{message}"),
-        other => panic!("expected a config error, got {other:?}"),
-    }
+    target.key_path = sshd.dir().join("agent-ssh/id_ed25519");
+    let compute = SshCompute::new(target.clone(), sshd.options(work.path())).unwrap();
+    let message = match compute.check().await {
+        Err(ComputeError::Connect { reason, .. }) => reason,
+        other => panic!("expected a refused key, got {other:?}"),
+    };
+    let public = std::fs::read_to_string(target.key_path.with_extension("pub")).unwrap();
+    assert!(message.contains(public.trim()), "{message}");
+    // Authorised as the message says, the same key gets in.
+    let authorized = sshd.dir().join("authorized_keys");
+    let mut keys = std::fs::read_to_string(&authorized).unwrap();
+    keys.push_str(&public);
+    std::fs::write(&authorized, keys).unwrap();
+    let out = compute
+        .exec(req("echo in", Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, "in\n");
 }
 
 #[tokio::test]

@@ -275,14 +275,8 @@ impl SshCompute {
 
     async fn open(&self) -> Result<Connection, ComputeError> {
         let t = &self.target;
-        if !t.key_path.exists() {
-            return Err(ComputeError::Config(format!(
-                "no SSH key at {} (create one with `ssh-keygen -t ed25519 -N '' -f {}` and authorise its .pub on {})",
-                t.key_path.display(),
-                t.key_path.display(),
-                t.host
-            )));
-        }
+        // The agent's own key: made on first use, so the error below can show the line to authorise.
+        ensure_keypair(&t.key_path, "automaton")?;
         let idle = NonZeroUsize::new(self.options.idle.as_secs().max(1) as usize)
             .unwrap_or(NonZeroUsize::MIN);
         let mut builder = SessionBuilder::default();
@@ -358,12 +352,16 @@ impl SshCompute {
                 known_hosts: self.target.known_hosts.clone(),
             }
         } else if text.contains("Permission denied") {
+            let public = std::fs::read_to_string(self.target.key_path.with_extension("pub"))
+                .map(|l| l.trim().to_string())
+                .unwrap_or_default();
             ComputeError::Connect {
                 target: host,
                 reason: format!(
-                    "the server refused the key {} ({})",
+                    "the server refused the agent's key {}; authorise it by adding this line to \
+                     ~{}/.ssh/authorized_keys there: {public}",
                     self.target.key_path.display(),
-                    last_line(&text)
+                    self.target.user,
                 ),
             }
         } else {
