@@ -26,6 +26,8 @@ pub use methods::ControlContext;
 
 /// Longest socket path used as is; `sun_path` holds 108 bytes on Linux, 104 on macOS.
 const MAX_SOCKET_PATH: usize = 100;
+/// How long `connect` looks for an agent that may just be starting before saying none runs.
+const NO_AGENT_GRACE: Duration = Duration::from_millis(1500);
 /// Longest request line accepted (an invoice is a few hundred bytes; a receipt a few KB).
 const MAX_LINE: usize = 1 << 20;
 
@@ -298,7 +300,8 @@ impl Client {
                 }
                 Err(error) => {
                     let running = AgentLock::holder(home).ok().flatten().is_some();
-                    if !running {
+                    // An agent started a moment ago may not hold its lock yet: a short grace before "none".
+                    if !running && started.elapsed() >= NO_AGENT_GRACE {
                         return Err(ControlError::new(
                             1,
                             format!(

@@ -86,6 +86,7 @@ async fn handle(wallet: &Wallet, node: &Node, event: &Event) -> Result<(), Walle
             .await
             {
                 Ok(receipt) => {
+                    count_late_success(db, &receipt).await?;
                     wallet.sign_receipt(receipt).await?;
                 }
                 Err(MoneyError::UnknownReceipt(_)) => {
@@ -181,6 +182,31 @@ async fn handle(wallet: &Wallet, node: &Node, event: &Event) -> Result<(), Walle
         | Event::ChannelPending { .. }
         | Event::SplicePending { .. }
         | Event::SpliceFailed { .. } => {}
+    }
+    Ok(())
+}
+
+/// A payment given up for lost (its reservation released: a crash hid it from the node's payment store) that
+/// succeeded after all: the money left, so the budget counts it.
+async fn count_late_success(
+    db: &crate::state::Db,
+    receipt: &crate::money::Receipt,
+) -> Result<(), WalletError> {
+    let Some(permit) = receipt.permit_id.clone() else {
+        return Ok(());
+    };
+    let (paid, fee) = (receipt.amount_msat as i64, receipt.fee_msat as i64);
+    let changed = db
+        .call(move |c| {
+            c.execute(
+                "UPDATE money_permits SET state = 'settled', paid_msat = ?2, fee_msat = ?3, closed_at = ?4 \
+                 WHERE id = ?1 AND state = 'released'",
+                rusqlite::params![permit, paid, fee, crate::state::now_rfc3339()],
+            )
+        })
+        .await?;
+    if changed > 0 {
+        tracing::warn!(payment_hash = %receipt.payment_hash, "a payment given up for lost succeeded; the budget now counts it");
     }
     Ok(())
 }

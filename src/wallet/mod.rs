@@ -258,7 +258,7 @@ impl Wallet {
             let state = rx.borrow_and_update().clone();
             match &state {
                 NodeState::Running { .. } => {
-                    if self.lsp_connected() {
+                    if self.lsp_connected() && self.channels_reestablished() {
                         return Ok(());
                     }
                 }
@@ -272,8 +272,12 @@ impl Wallet {
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 let reason = match state {
-                    NodeState::Running { .. } => {
+                    NodeState::Running { .. } if !self.lsp_connected() => {
                         "running, but not connected to the LSP yet".to_string()
+                    }
+                    NodeState::Running { .. } => {
+                        "running, but its channels are still being re-established with their peers"
+                            .to_string()
                     }
                     other => other.describe(),
                 };
@@ -283,6 +287,23 @@ impl Wallet {
             let pause = (deadline - now).min(Duration::from_millis(200));
             let _ = tokio::time::timeout(pause, rx.changed()).await;
         }
+    }
+
+    /// False while a ready channel is not yet usable: after a (re)start its peer is still reconnecting, and
+    /// until then the balance reads as zero and payments would fail for no real reason.
+    fn channels_reestablished(&self) -> bool {
+        let Some(node) = self.inner.node.get() else {
+            return false;
+        };
+        let connected: Vec<_> = node
+            .list_peers()
+            .into_iter()
+            .filter(|p| p.is_connected)
+            .map(|p| p.node_id)
+            .collect();
+        node.list_channels().iter().all(|c| {
+            !c.is_channel_ready || c.is_usable || !connected.contains(&c.counterparty_node_id)
+        })
     }
 
     /// True when no LSP is configured, or the node is connected to it.
@@ -412,6 +433,10 @@ impl Wallet {
                 attempts,
                 last_error: Some(error),
             });
+            // Without a chain the balance is unknown, which counts as `normal`: the agent thinks on.
+            if let Err(error) = self.update_tier().await {
+                tracing::warn!(%error, "could not update the survival tier");
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return None,
                 _ = tokio::time::sleep(backoff) => {}

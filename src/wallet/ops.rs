@@ -288,7 +288,10 @@ impl Wallet {
                 payment_hash: payment_hash.clone(),
                 amount_msat: Some(amount_msat),
                 rail: Some(Rail::Bolt11),
-                purpose: purpose.map(str::to_string),
+                // The memo says what the invoice is for when no separate purpose is given.
+                purpose: purpose
+                    .map(str::to_string)
+                    .or_else(|| (!memo.is_empty()).then(|| memo.clone())),
                 comment: (!memo.is_empty()).then_some(memo),
             },
         )

@@ -10,16 +10,7 @@ impl Wallet {
     pub(super) async fn update_tier(&self) -> Result<TierUpdate, WalletError> {
         let balance = self.balance().ok().map(|b| b.balance_sats);
         let thresholds = self.inner.budget.limits().tiers;
-        let update = tiers::update_tier(&self.inner.db, balance, &thresholds).await?;
-        if update.changed {
-            tracing::info!(
-                tier = %update.tier,
-                previous = %update.previous,
-                balance_sats = ?balance,
-                daily_burn_sats = update.daily_burn_sats,
-                "survival tier changed"
-            );
-        }
-        Ok(update)
+        // `update_tier` logs a change itself.
+        Ok(tiers::update_tier(&self.inner.db, balance, &thresholds).await?)
     }
 }

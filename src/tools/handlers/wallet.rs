@@ -12,7 +12,7 @@ use crate::money::receipts::{self, Direction, ReceiptFilter};
 use crate::money::tiers;
 use crate::tools::{Risk, ToolContext, ToolDef, ToolError, ToolHandler, ToolOutput};
 use crate::wallet::spend::{self, ApprovalWait};
-use crate::wallet::{Wallet, WalletError};
+use crate::wallet::{NodeState, Wallet, WalletError};
 
 /// How long a money tool waits for a node that is still starting before telling the model to try later.
 const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -37,7 +37,18 @@ fn wallet(ctx: &ToolContext) -> Result<&Wallet, ToolError> {
 
 async fn ready(ctx: &ToolContext) -> Result<&Wallet, ToolError> {
     let w = wallet(ctx)?;
-    w.wait_ready(READY_WAIT).await.map_err(respond)?;
+    // A node that is starting for the first time is worth a short wait; one whose chain source keeps failing is
+    // not: the model hears why at once and can get on with something else.
+    let wait = match w.state() {
+        NodeState::Starting {
+            last_error: Some(_),
+            ..
+        }
+        | NodeState::Failed { .. }
+        | NodeState::Stopped => std::time::Duration::ZERO,
+        _ => READY_WAIT,
+    };
+    w.wait_ready(wait).await.map_err(respond)?;
     Ok(w)
 }
 
