@@ -47,6 +47,14 @@ for _ in $(seq 1 120); do
   [ "$(target/release/automaton wallet balance --json | jq .spendable_lightning_sats)" -gt 0 ] && break
   sleep 0.5
 done
+echo "==> the creator pays an invoice of the agent's (wallet invoice) 20,000 sats" >&2
+invoice=$(target/release/automaton wallet invoice 20000 --memo "from the creator" --json | jq -r .bolt11)
+curl -fsS -X POST "$control/lab/creator/pay" -H 'content-type: application/json' \
+  -d "{\"bolt11\": \"$invoice\"}" >/dev/null
+echo "==> the agent pays the lab merchant 5,000 sats (through its budget gate)" >&2
+merchant=$(curl -fsS -X POST "$control/lab/merchant/invoice" -H 'content-type: application/json' \
+  -d '{"msat": 5000000, "memo": "a lab service"}' | jq -r .bolt11)
+target/release/automaton wallet pay "$merchant" --purpose "a lab service"
 api=$(jq -r '.l402_api_url // empty' "$work/lab/lab.json")
 if [ -n "$api" ]; then
   echo "==> the agent buys an L402 call from $api" >&2
@@ -54,7 +62,10 @@ if [ -n "$api" ]; then
   echo "==> and again: the cached credential is sent, nothing is paid" >&2
   target/release/automaton l402 fetch "$api" --json
 fi
+echo "==> its receipts: every sat in and out, signed by its node key" >&2
 target/release/automaton wallet receipts
+target/release/automaton wallet receipts --json --limit 1 | jq '.[0]' >"$work/receipt.json"
+target/release/automaton wallet verify-receipt "$work/receipt.json"
 echo "==> its schedule: the agent added lab_pulse itself, a heartbeat that wakes it every 20 s" >&2
 for _ in $(seq 1 90); do
   target/release/automaton logs --json --limit 50 | jq -e 'any(.[]; .input_source == "heartbeat")' >/dev/null && break
