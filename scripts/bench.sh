@@ -5,17 +5,23 @@
 #   2. a cached-credential fetch                                       vs  plain HTTP to the same URL.
 # Both sides go through the same kind of process (a CLI talking to the running agent, or curl), so the ratios say
 # what the L402 round trips and checks add. Runs hyperfine (installed with apt when missing); results and the
-# hyperfine JSON stay in the printed work dir. RUNS=N sets the runs per measurement (default 10).
+# hyperfine JSON stay in the printed work dir. RUNS=N sets the runs per measurement (default 10); PROFILE=debug
+# measures the debug build instead of the release one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-10}
+profile=${PROFILE:-release}
 scripts/deps.sh
 if ! command -v hyperfine >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends hyperfine
 fi
 command -v jq >/dev/null || { echo "bench.sh needs jq" >&2; exit 1; }
-cargo build --release --locked --bin automaton --bin automaton-lab
+if [ "$profile" = release ]; then
+  cargo build --release --locked -p automaton -p automaton-lab --bins
+else
+  cargo build --locked -p automaton -p automaton-lab --bins
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/automaton-bench.XXXXXX")
 lab_pid=""; agent_pid=""
@@ -24,7 +30,7 @@ cleanup() {
   [ -n "$lab_pid" ] && { kill -TERM "$lab_pid" 2>/dev/null || true; wait "$lab_pid" 2>/dev/null || true; }
 }
 trap cleanup EXIT
-bin=$PWD/target/release
+bin=$PWD/target/$profile
 
 echo "==> lab in $work/lab" >&2
 "$bin/automaton-lab" up --dir "$work/lab" >"$work/lab.log" 2>&1 &
