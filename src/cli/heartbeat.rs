@@ -88,7 +88,7 @@ pub fn execute(home: &Home, args: HeartbeatArgs) -> anyhow::Result<()> {
         HeartbeatCommand::List { json } => list(home, &tasks, json),
         HeartbeatCommand::Add(add) => {
             let entry = entry_from_args(&tasks, add)?;
-            apply(home, &tasks, Edit::Add(entry), "heartbeat add")
+            apply(home, &tasks, Edit::Add(Box::new(entry)), "heartbeat add")
         }
         HeartbeatCommand::Remove { name } => {
             apply(home, &tasks, Edit::Remove(name), "heartbeat remove")

@@ -10,7 +10,7 @@ use crate::home::Home;
 /// One change to the schedule.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Edit {
-    Add(Entry),
+    Add(Box<Entry>),
     Remove(String),
     Enable(String),
     Disable(String),
@@ -70,7 +70,7 @@ pub fn edit(
                 entry.cadence.describe(),
                 entry.task
             );
-            file.entries.push(entry);
+            file.entries.push(*entry);
             (item, true)
         }
         Edit::Remove(name) => {

@@ -42,8 +42,14 @@ pub struct Entry {
 /// When an entry fires: on a cron schedule (UTC) or at a fixed interval.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Cadence {
-    Cron { expr: String, cron: croner::Cron },
-    Every { text: String, interval: Duration },
+    Cron {
+        expr: String,
+        cron: Box<croner::Cron>,
+    },
+    Every {
+        text: String,
+        interval: Duration,
+    },
 }
 
 impl Cadence {
@@ -64,7 +70,7 @@ impl Cadence {
             .map_err(|e| format!("cron expression {expr:?} never fires: {e}"))?;
         Ok(Cadence::Cron {
             expr: expr.to_string(),
-            cron,
+            cron: Box::new(cron),
         })
     }
 

@@ -101,7 +101,7 @@ impl ToolHandler for ModifyHeartbeatTool {
                     true,
                 )
                 .map_err(ToolError::Respond)?;
-                Edit::Add(entry)
+                Edit::Add(Box::new(entry))
             }
             "remove" => Edit::Remove(args.name),
             "enable" => Edit::Enable(args.name),
