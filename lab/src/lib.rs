@@ -2,6 +2,7 @@
 //! peers (hub/LSP, creator, merchant) on ldk-node, a scripted OpenAI-compatible model and a Nostr relay.
 
 pub mod chain;
+pub mod conway;
 pub mod l402;
 pub mod lnvps;
 pub mod model;

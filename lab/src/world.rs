@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
 use crate::peers::{self, LabNode, LspInfo, Peers, PeersConfig};
+use crate::conway::Conway;
 use crate::lnvps::{Lnvps, LnvpsSettings};
 use crate::relay::Relay;
 
@@ -132,6 +133,7 @@ pub struct World {
     peers: Arc<Peers>,
     relay: Relay,
     lnvps: Lnvps,
+    conway: Conway,
     lab_json: LabJson,
     servers: CancellationToken,
     /// The control server, model server and tip follower; awaited on shutdown so nothing holds the chain after.
@@ -196,6 +198,7 @@ impl World {
         let l402_api_listener = bind_tcp(&mut state, "l402_api").await?;
         let l402_model_listener = bind_tcp(&mut state, "l402_model").await?;
         let lnvps_listener = bind_tcp(&mut state, "lnvps").await?;
+        let conway_listener = bind_tcp(&mut state, "conway").await?;
         let hub_port = free_port(&mut state, "hub")?;
         let creator_port = free_port(&mut state, "creator")?;
         let merchant_port = free_port(&mut state, "merchant")?;
@@ -233,6 +236,8 @@ impl World {
             LnvpsSettings::from_env(),
         )
         .await?;
+        progress("starting the Conway double");
+        let conway = Conway::start(&dir.join("conway"), conway_listener).await?;
 
         let servers = CancellationToken::new();
         let control_url = format!("http://{}", control_listener.local_addr()?);
@@ -244,7 +249,8 @@ impl World {
                 chain_height: Arc::new(move || height_chain.tip_height()),
             }))
             .merge(relay.control_router())
-            .merge(lnvps.control_router());
+            .merge(lnvps.control_router())
+            .merge(conway.control_router());
         let mut tasks = vec![
             serve(control_listener, control, servers.clone(), "control"),
             follow_tip(chain.clone(), Arc::clone(&peers), servers.clone()),
@@ -252,6 +258,8 @@ impl World {
         let model_url = Some(format!("http://{}/v1", model_listener.local_addr()?));
         let relay_url = Some(relay.url());
         let lnvps_url = Some(lnvps.url());
+        let conway_url = Some(conway.url());
+        let conway_api_key = Some(conway.api_key());
         tasks.push(serve(
             model_listener,
             crate::model::router(),
@@ -277,6 +285,7 @@ impl World {
             peers,
             relay,
             lnvps,
+            conway,
             lab_json: LabJson {
                 network: "regtest".into(),
                 esplora_url,
@@ -284,8 +293,8 @@ impl World {
                 model_url,
                 relay_url,
                 lnvps_url,
-                conway_url: None,
-                conway_api_key: None,
+                conway_url,
+                conway_api_key,
                 lsp: LspInfo {
                     node_id: String::new(),
                     address: String::new(),
@@ -438,6 +447,11 @@ impl World {
         &self.lnvps
     }
 
+    /// The Conway double (its URL, API key, sandbox directories).
+    pub fn conway(&self) -> &Conway {
+        &self.conway
+    }
+
     /// The hub as an LSPS2 client configures it.
     pub fn lsp(&self) -> LspInfo {
         self.peers.lsp()
@@ -465,6 +479,7 @@ impl World {
             }
         }
         self.lnvps.shutdown().await;
+        self.conway.shutdown().await;
         self.relay.shutdown().await;
         self.peers.stop().await;
         self.chain.shutdown().await;
@@ -493,6 +508,9 @@ impl World {
         }
         if let Some(relay) = &j.relay_url {
             out.push_str(&format!("  relay     {relay}\n"));
+        }
+        if let Some(conway) = &j.conway_url {
+            out.push_str(&format!("  conway    {conway}  (API key in lab.json)\n"));
         }
         if let Some(lnvps) = &j.lnvps_url {
             out.push_str(&format!(
@@ -530,6 +548,7 @@ impl Drop for World {
         }
         if !self.stopped.swap(true, Ordering::SeqCst) {
             self.lnvps.halt();
+            self.conway.halt();
             self.relay.halt();
             // The control server's router holds the peers too, so stop them here rather than wait for the last
             // reference to go.
