@@ -519,3 +519,108 @@ async fn the_sandbox_home_is_the_default_workdir_and_tilde_paths_land_there() {
         .unwrap();
     assert_eq!(std::fs::read(dir.path().join("notes/a.txt")).unwrap(), b"x");
 }
+
+/// The conformance suite against the lab's Conway double (`lab.json`: `conway_url`, `conway_api_key`): one
+/// prepaid sandbox for the whole binary, each test in its own directory inside it.
+mod lab {
+    use super::*;
+
+    /// The sandbox (id, home) every test here shares; created once, with the lab's credits.
+    static SANDBOX: tokio::sync::OnceCell<(String, PathBuf)> = tokio::sync::OnceCell::const_new();
+
+    fn lab_client() -> Arc<ConwayClient> {
+        let world = automaton_lab::world::shared();
+        let lab: Value =
+            serde_json::from_slice(&std::fs::read(world.lab_json_path()).expect("lab.json"))
+                .expect("lab.json is JSON");
+        let url = lab["conway_url"].as_str().expect("conway_url in lab.json");
+        let key = lab["conway_api_key"]
+            .as_str()
+            .expect("conway_api_key in lab.json");
+        // A client per test: each test has its own runtime, and connections do not outlive it.
+        Arc::new(ConwayClient::new(url, Secret::new(key)).expect("client"))
+    }
+
+    async fn sandbox(client: &Arc<ConwayClient>) -> &'static (String, PathBuf) {
+        SANDBOX
+            .get_or_init(|| async {
+                let created = client
+                    .create_sandbox(&SandboxSpec::smallest_with("conformance", 512))
+                    .await
+                    .expect("create a sandbox on the double");
+                let compute = ConwayCompute::new(client.clone(), Some(created.id.clone()), None)
+                    .expect("provider");
+                let out = compute
+                    .exec(ExecRequest {
+                        command: "pwd -P".into(),
+                        timeout: Duration::from_secs(30),
+                        output_cap: 4096,
+                    })
+                    .await
+                    .expect("first exec");
+                assert_eq!(out.exit_code, Some(0), "{out:?}");
+                (created.id, PathBuf::from(out.stdout.trim()))
+            })
+            .await
+    }
+
+    async fn lab_provider(dir: PathBuf) -> ConwayCompute {
+        let client = lab_client();
+        let (id, home) = sandbox(&client).await;
+        let name = dir.file_name().expect("a temp dir name");
+        ConwayCompute::new(client, Some(id.clone()), Some(home.join(name))).expect("provider")
+    }
+
+    automaton::compute_conformance!(async |dir: PathBuf| async move { lab_provider(dir).await });
+
+    #[tokio::test]
+    async fn ports_are_exposed_through_the_double_and_taken_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let compute = lab_provider(dir.path().to_path_buf()).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let _ = socket
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+                    )
+                    .await;
+            }
+        });
+        let url = compute.expose_port(port).await.expect("expose");
+        let body = reqwest::get(&url)
+            .await
+            .expect("reach the exposed port")
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(body, "hello");
+        compute.remove_port(port).await.expect("unexpose");
+        assert!(reqwest::get(&url).await.is_err(), "{url} still answers");
+        served.abort();
+    }
+
+    #[tokio::test]
+    async fn the_balance_reflects_the_prepaid_sandbox() {
+        let client = lab_client();
+        sandbox(&client).await;
+        let balance = client.credits_balance_cents().await.expect("balance");
+        let price = client
+            .pricing()
+            .await
+            .expect("pricing")
+            .iter()
+            .filter_map(|t| t.monthly_cents)
+            .min()
+            .expect("a price");
+        assert!(
+            balance + price <= 10_000,
+            "the sandbox was paid for: {balance}"
+        );
+        let listed = client.list_sandboxes().await.expect("list");
+        let (id, _) = sandbox(&client).await;
+        assert!(listed.iter().any(|s| &s.id == id), "{id} not listed");
+    }
+}

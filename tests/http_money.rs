@@ -468,7 +468,7 @@ async fn lnurl_auth_logs_in_with_a_stable_per_domain_key() {
     let port = listener.local_addr().unwrap().port();
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let mut login = |host: &str| {
+    let login = |host: &str| {
         let k1 = hex::encode(rand::random::<[u8; 32]>());
         service.issued.lock().unwrap().push(k1.clone());
         let url = format!("http://{host}:{port}/auth?tag=login&k1={k1}&action=login");

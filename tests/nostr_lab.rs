@@ -4,6 +4,9 @@
 //! publishes once it is back.
 //!
 //! Tests that need the relay up hold `RELAY` for reading; the one that stops it holds it for writing.
+// Each test owns its runtime and thread, so a std lock held across `.await` only parks that test's thread: it is
+// the point (tests that need the relay wait while one test has it down).
+#![allow(clippy::await_holding_lock)]
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -270,7 +273,7 @@ fn hex_encode(bytes: &[u8]) -> String {
 }
 
 fn hex_decode(s: &str) -> Result<Vec<u8>, ()> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(());
     }
     (0..s.len())
@@ -563,5 +566,212 @@ async fn with_the_relay_down_the_agent_keeps_running_and_publishes_when_it_is_ba
         .unwrap();
     assert!(sent >= 1, "the outbox records the delivery");
     assert!(running.alive());
+    assert!(running.stop().success());
+}
+
+async fn fund(world: &World, agent: &Agent, sats: u64) {
+    let invoice = agent.json(&[
+        "wallet",
+        "invoice",
+        &sats.to_string(),
+        "--memo",
+        "funding",
+        "--json",
+    ]);
+    lab_post(
+        world,
+        "/lab/creator/pay",
+        json!({"bolt11": invoice["bolt11"]}),
+    )
+    .await;
+    let hash = invoice["payment_hash"].as_str().unwrap().to_string();
+    let arrived = eventually(Duration::from_secs(60), || {
+        let receipts = agent.json(&["wallet", "receipts", "--json"]);
+        let hash = hash.clone();
+        async move {
+            receipts
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["payment_hash"] == hash.as_str() && r["status"] == "succeeded")
+        }
+    })
+    .await;
+    assert!(arrived, "the funding never arrived:\n{}", agent.run_log());
+}
+
+fn tier(agent: &Agent) -> Option<String> {
+    agent.json(&["status", "--json"])["tier"]
+        .as_str()
+        .map(str::to_string)
+}
+
+async fn distress_notes(world: &World, pubkey: &str) -> Vec<Value> {
+    req(
+        &relay_url(world),
+        json!({"kinds": [1], "authors": [pubkey], "#t": ["distress"]}),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_an_agent_to_critical_sends_exactly_one_distress_note_with_a_payable_address() {
+    let world = world::shared();
+    let _relay = relay_up();
+    let creator = nostr::Keys::generate();
+    let agent = Agent {
+        dir: tempfile::tempdir().expect("temp dir"),
+    };
+    let lab = world.lab_json_path();
+    let creator_npub = content_npub(&creator.public_key().to_hex());
+    let out = agent.run(&[
+        "setup",
+        "--yes",
+        "--name",
+        "needy",
+        "--lab",
+        lab.to_str().unwrap(),
+        "--creator",
+        &creator_npub,
+        "--genesis-prompt",
+        "You are a test agent. Keep notes, spend nothing.",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pubkey = agent.pubkey_hex();
+
+    let running = agent.start();
+    wait_for_wallet(&agent).await;
+    // A newborn is critical by definition but has no one to alarm yet.
+    fund(world, &agent, 12_000).await;
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let t = tier(&agent);
+            async move { t.as_deref() == Some("low_compute") }
+        })
+        .await,
+        "funded with 12,000 sats the agent should be low_compute, is {:?}",
+        tier(&agent)
+    );
+    assert!(distress_notes(world, &pubkey).await.is_empty());
+
+    // Spending most of it drains the agent to critical.
+    let invoice = lab_post(
+        world,
+        "/lab/merchant/invoice",
+        json!({"msat": 8_000_000, "memo": "an expensive habit"}),
+    )
+    .await;
+    let paid = agent.run(&[
+        "wallet",
+        "pay",
+        invoice["bolt11"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        paid.status.success(),
+        "{}",
+        String::from_utf8_lossy(&paid.stderr)
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let t = tier(&agent);
+            async move { t.as_deref() == Some("critical") }
+        })
+        .await,
+        "tier after draining: {:?}",
+        tier(&agent)
+    );
+
+    let noted = eventually(Duration::from_secs(30), || {
+        let pubkey = pubkey.clone();
+        async move { !distress_notes(world, &pubkey).await.is_empty() }
+    })
+    .await;
+    assert!(noted, "no distress note on the relay:\n{}", agent.run_log());
+    let notes = distress_notes(world, &pubkey).await;
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    let note = &notes[0];
+    assert!(verify_raw(note));
+    let text = note["content"].as_str().unwrap().to_string();
+    let card_events = req(&relay_url(world), card_filter(&pubkey)).await;
+    let card: Value = serde_json::from_str(card_events[0]["content"].as_str().unwrap()).unwrap();
+    let lud16 = card["lud16"].as_str().unwrap().to_string();
+    assert!(
+        text.contains(&lud16),
+        "the note names the Lightning address: {text}"
+    );
+    assert!(text.contains("critical"), "{text}");
+    assert!(text.contains("sats buy it a day of runway"), "{text}");
+    // The card says so too.
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let relay = relay_url(world);
+            let filter = card_filter(&pubkey);
+            async move {
+                let events = req(&relay, filter).await;
+                events.first().is_some_and(|e| {
+                    serde_json::from_str::<Value>(e["content"].as_str().unwrap()).unwrap()["status"]
+                        == "critical"
+                })
+            }
+        })
+        .await
+    );
+
+    // The creator got it privately too (NIP-17 gift wrap to their key).
+    let wraps = req(
+        &relay_url(world),
+        json!({"kinds": [1059], "#p": [creator.public_key().to_hex()]}),
+    )
+    .await;
+    assert_eq!(wraps.len(), 1, "{wraps:?}");
+    let wrap: nostr::Event = nostr::JsonUtil::from_json(wraps[0].to_string()).unwrap();
+    let unwrapped = nostr::nips::nip59::UnwrappedGift::from_gift_wrap(&creator, &wrap)
+        .await
+        .unwrap();
+    assert_eq!(unwrapped.sender.to_hex(), pubkey);
+    assert_eq!(unwrapped.rumor.content, text);
+
+    // A restart while still critical is not news: the rate limit holds.
+    let status = running.stop();
+    assert!(status.success());
+    let running = agent.start();
+    let restarted_card = eventually(Duration::from_secs(60), || {
+        let relay = relay_url(world);
+        let filter = card_filter(&pubkey);
+        let before = card_events[0]["created_at"].as_u64().unwrap();
+        async move {
+            req(&relay, filter)
+                .await
+                .first()
+                .is_some_and(|e| e["created_at"].as_u64().unwrap() > before)
+        }
+    })
+    .await;
+    assert!(restarted_card, "the restarted agent republishes its card");
+    assert_eq!(distress_notes(world, &pubkey).await.len(), 1);
+
+    // The address in the note is payable, and paying it lifts the agent out of critical.
+    let paid = reqwest::Client::new()
+        .post(format!("{}/lab/creator/pay-lnurl", world.control_url()))
+        .json(&json!({"target": lud16, "sats": 30_000, "comment": "hang in there"}))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
+    let code = paid.status();
+    let body: Value = paid.json().await.unwrap();
+    assert!(code.is_success(), "{body}\n{}", agent.run_log());
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let t = tier(&agent);
+            async move { t.as_deref() != Some("critical") }
+        })
+        .await
+    );
     assert!(running.stop().success());
 }

@@ -614,6 +614,10 @@ async fn heartbeat_commands_change_the_schedule_and_every_change_can_be_reverted
             .code(),
         Some(1)
     );
+    assert_eq!(
+        changes.as_array().unwrap().last().unwrap()["message"],
+        "setup: tester is born [command automaton setup]"
+    );
     let birth = changes.as_array().unwrap().last().unwrap()["id"]
         .as_str()
         .unwrap()

@@ -14,9 +14,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
-use crate::peers::{self, LabNode, LspInfo, Peers, PeersConfig};
 use crate::conway::Conway;
 use crate::lnvps::{Lnvps, LnvpsSettings};
+use crate::peers::{self, LabNode, LspInfo, Peers, PeersConfig};
 use crate::relay::Relay;
 
 /// Height the initial chain is mined to: coinbase maturity (100) plus enough mature coinbases for the faucet.

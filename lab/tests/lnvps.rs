@@ -692,6 +692,18 @@ async fn nip98_failures_answer_like_the_real_server() {
         (r.status, r.error()),
         (400, "Invalid SSH public key format".to_string())
     );
+    // Bodies of NIP-98 requests are hashed; more than 2 MiB is refused before anything else.
+    let huge = vec![b' '; 2 * 1024 * 1024 + 1];
+    let r = c
+        .send(
+            Method::POST,
+            path,
+            Some(c.header("POST", &url, None)),
+            Some(huge),
+            true,
+        )
+        .await;
+    assert_eq!((r.status, r.text.as_str()), (413, "Request body too large"));
     let unbound = c.header("POST", &url, None);
     let r = c
         .send(Method::POST, path, Some(unbound), Some(other), true)
@@ -860,6 +872,14 @@ async fn a_paid_vm_is_a_machine_you_can_ssh_into() {
     let listed = c.call(Method::GET, "/api/v1/vm", None).await.data();
     assert_eq!(listed.as_array().unwrap().len(), 1);
 
+    // A key in use cannot be deleted.
+    let r = c
+        .call(Method::DELETE, &format!("/api/v1/ssh-key/{key_id}"), None)
+        .await;
+    assert_eq!(
+        (r.status, r.error()),
+        (400, "SSH key is in use by a VM".to_string())
+    );
     // Ownership.
     let r = stranger
         .call(Method::GET, &format!("/api/v1/vm/{vm_id}"), None)
@@ -1234,6 +1254,21 @@ async fn a_paid_vm_is_a_machine_you_can_ssh_into() {
     assert!(history["total"].as_u64().unwrap() >= 3, "{history}");
     assert_eq!(history["limit"], 2);
     assert_eq!(history["data"].as_array().unwrap().len(), 2);
+    let total = history["total"].as_u64().unwrap();
+    let rest = c
+        .call(
+            Method::GET,
+            &format!("/api/v1/vm/{vm_id}/payments?offset=2&limit=500"),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(rest["limit"], 100, "limit is capped at 100");
+    assert_eq!(rest["offset"], 2);
+    assert_eq!(rest["data"].as_array().unwrap().len() as u64, total - 2);
+    // Newest first: the top-up is the latest payment, and it is paid.
+    assert_eq!(history["data"][0]["is_paid"], true);
+    assert_eq!(history["data"][0]["amount"], 300_000);
 
     // Re-install: a fresh home and a new host key (the old known_hosts is now wrong).
     let r = c

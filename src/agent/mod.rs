@@ -145,6 +145,8 @@ async fn run_inner(
             registry.register(tool)?;
         }
     }
+    // Paid inference: the tier router's other models pay through the same kind of transport.
+    let payer = crate::l402::client::inference_payer(config, services.wallet.as_ref())?;
     let ctx = ToolContext {
         home: home.clone(),
         config: Arc::new(config.clone()),
@@ -159,7 +161,7 @@ async fn run_inner(
     // Money shapes thinking and acting: the model follows the survival tier, inference stops at its daily cap,
     // and dangerous tools are off in critical/dead.
     let (registry, provider) =
-        crate::money::routing::wire_agent(home, config, &ctx.db, registry, provider);
+        crate::money::routing::wire_agent(home, config, &ctx.db, registry, provider, payer);
     let mut agent = Agent {
         guards: Guards::new(&config.agent),
         retry: RetryPolicy::from_config(&config.inference),

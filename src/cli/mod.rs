@@ -5,10 +5,13 @@
 
 mod approvals;
 mod budget;
-mod heartbeat;
 mod card;
 mod discover;
 mod exec;
+mod fund;
+mod heartbeat;
+mod l402;
+mod lnurl_auth;
 mod logs;
 mod revert;
 mod run;
@@ -57,24 +60,30 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Show recent turns and the tool calls they made
     Logs(logs::LogsArgs),
-    /// Run one command through the compute provider (the configured one, or --provider)
-    Exec(exec::ExecArgs),
     /// The agent's Nostr card (NIP-89): show it, publish it
     Card(card::CardArgs),
     /// Find other agents on Nostr (verified cards), or describe one by its URL
     Discover(discover::DiscoverArgs),
-    /// The agent's Lightning wallet: balance, invoices, payments, receipts
-    Wallet(wallet::WalletArgs),
+    /// Run one command through the compute provider (the configured one, or --provider)
+    Exec(exec::ExecArgs),
+    /// Spending limits and what was spent against them; change them with `budget set`
+    Budget(budget::BudgetArgs),
+    /// Payments waiting for the creator's approval: list, approve, deny
+    Approvals(approvals::ApprovalsArgs),
     /// The agent's schedule: list, add, remove, enable, disable or run heartbeat entries
     Heartbeat(heartbeat::HeartbeatArgs),
     /// Undo one change to the agent's definition (see `automaton logs --changes`)
     Revert(revert::RevertArgs),
     /// The agent's skills: list, show, enable, disable, install
     Skills(skills::SkillsArgs),
-    /// Spending limits and what was spent against them; change them with `budget set`
-    Budget(budget::BudgetArgs),
-    /// Payments waiting for the creator's approval: list, approve, deny
-    Approvals(approvals::ApprovalsArgs),
+    /// The agent's Lightning wallet: balance, invoices, payments, receipts
+    Wallet(wallet::WalletArgs),
+    /// How to send this agent money: its Lightning address, LNURL and a QR code, or an invoice (--sats N)
+    Fund(fund::FundArgs),
+    /// Buy HTTP calls over Lightning (L402): fetch a paid URL, list cached credentials
+    L402(l402::L402Args),
+    /// Log in to a service with LNURL-auth, using this agent's per-domain linking key
+    LnurlAuth(lnurl_auth::LnurlAuthArgs),
 }
 
 /// An error that carries the process exit code (anything else exits 1).
@@ -108,15 +117,18 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::execute(&home, &cli.overrides, args),
         Command::Status(args) => status::execute(&home, &cli.overrides, args),
         Command::Logs(args) => logs::execute(&home, args),
-        Command::Exec(args) => exec::execute(&home, &cli.overrides, args),
         Command::Card(args) => card::execute(&home, &cli.overrides, args),
         Command::Discover(args) => discover::execute(&home, &cli.overrides, args),
-        Command::Wallet(args) => wallet::execute(&home, args),
+        Command::Exec(args) => exec::execute(&home, &cli.overrides, args),
+        Command::Budget(args) => budget::execute(&home, &cli.overrides, args),
+        Command::Approvals(args) => approvals::execute(&home, args),
         Command::Heartbeat(args) => heartbeat::execute(&home, args),
         Command::Revert(args) => revert::execute(&home, args),
         Command::Skills(args) => skills::execute(&home, args),
-        Command::Budget(args) => budget::execute(&home, &cli.overrides, args),
-        Command::Approvals(args) => approvals::execute(&home, args),
+        Command::Wallet(args) => wallet::execute(&home, args),
+        Command::Fund(args) => fund::execute(&home, &cli.overrides, args),
+        Command::L402(args) => l402::execute(&home, args),
+        Command::LnurlAuth(args) => lnurl_auth::execute(&home, &cli.overrides, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -97,12 +97,16 @@ async fn run_agent(
         }
     };
     // The HTTP face (Lightning address, automaton.json, paid services) lives as long as the node.
+    // The L402 seller's paid services (`http.services`) ride on the face; without a wallet there is nothing to sell.
+    let seller = wallet.as_ref().map(|w| {
+        crate::l402::server::Seller::new(home, &config, db.clone(), w.clone(), overrides.to_vec())
+    });
     let http_task = match crate::http::serve(
         home,
         Arc::new(config.clone()),
         db.clone(),
         wallet.clone(),
-        None,
+        seller.as_ref().map(|s| s.router()),
         services_cancel.clone(),
     )
     .await

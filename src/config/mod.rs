@@ -5,6 +5,7 @@
 
 pub mod keys;
 mod secret;
+pub mod services;
 pub mod yaml;
 
 use std::fmt;
@@ -492,6 +493,9 @@ pub struct HttpConfig {
     /// The Lightning address / LNURL-pay service (`name@host` of `public_url`).
     #[serde(skip_serializing_if = "LnurlPayConfig::is_default")]
     pub lnurl: LnurlPayConfig,
+    /// Paid services behind the L402 paywall (`crate::l402::server`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<services::ServiceConfig>,
 }
 
 /// The agent's LNURL-pay service (LUD-06/12/16/21): who pays it what, and how the invoices look.
@@ -980,10 +984,17 @@ impl Config {
             listed(&l.counterparty_sats.keys().cloned().collect::<Vec<_>>()),
         );
         let t = &l.tiers;
-        check("limits.tiers.low_compute_sats", at_least_one(t.low_compute_sats));
         check(
             "limits.tiers.low_compute_sats",
-            not_above(t.low_compute_sats, t.normal_sats, "limits.tiers.normal_sats"),
+            at_least_one(t.low_compute_sats),
+        );
+        check(
+            "limits.tiers.low_compute_sats",
+            not_above(
+                t.low_compute_sats,
+                t.normal_sats,
+                "limits.tiers.normal_sats",
+            ),
         );
         check(
             "limits.tiers.normal_sats",
@@ -1010,7 +1021,10 @@ impl Config {
         if network == "regtest" && self.wallet.esplora_url.is_none() {
             check(
                 "wallet.esplora_url",
-                Err("regtest has no public chain source: set wallet.esplora_url (setup --lab does)".to_string()),
+                Err(
+                    "regtest has no public chain source: set wallet.esplora_url (setup --lab does)"
+                        .to_string(),
+                ),
             );
         }
         if let Some(listen) = &self.wallet.listen {
@@ -1033,12 +1047,6 @@ impl Config {
         if let Some(url) = &self.http.public_url {
             check("http.public_url", validate_http_url(url));
         }
-        if let Some(listen) = &self.http.listen {
-            check(
-                "http.listen",
-                listen
-                    .parse::<std::net::SocketAddr>()
-                    .map(|_| ())
         if let Some(name) = &self.http.lnurl.name {
             check(
                 "http.lnurl.name",
@@ -1049,20 +1057,32 @@ impl Config {
                 {
                     Ok(())
                 } else {
-                    Err(format!("`{name}` may hold only a-z, 0-9, `-`, `_` and `.` (LUD-16)"))
+                    Err(format!(
+                        "`{name}` may hold only a-z, 0-9, `-`, `_` and `.` (LUD-16)"
+                    ))
                 },
             );
         }
         check(
             "http.lnurl.min_sats",
-            if self.http.lnurl.min_sats >= 1 && self.http.lnurl.min_sats <= self.http.lnurl.max_sats {
+            if self.http.lnurl.min_sats >= 1 && self.http.lnurl.min_sats <= self.http.lnurl.max_sats
+            {
                 Ok(())
             } else {
                 Err("must be at least 1 and at most http.lnurl.max_sats".to_string())
             },
         );
+        if let Some(listen) = &self.http.listen {
+            check(
+                "http.listen",
+                listen
+                    .parse::<std::net::SocketAddr>()
+                    .map(|_| ())
                     .map_err(|_| format!("`{listen}` is not HOST:PORT")),
             );
+        }
+        for problem in services::problems(&self.http.services) {
+            check("http.services", Err(problem));
         }
         for relay in &self.nostr.relays {
             check("nostr.relays", validate_relay_url(relay));
@@ -1237,7 +1257,8 @@ pub fn validate_env_var_name(var: &str) -> Result<(), String> {
 
 /// A Nostr relay URL: `wss://`, or `ws://` (meant for loopback and private networks).
 pub fn validate_relay_url(url: &str) -> Result<(), String> {
-    let parsed = reqwest::Url::parse(url.trim()).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let parsed =
+        reqwest::Url::parse(url.trim()).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
     if !matches!(parsed.scheme(), "ws" | "wss") || parsed.host_str().is_none() {
         return Err(format!("`{url}` must be a ws:// or wss:// relay URL"));
     }

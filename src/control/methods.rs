@@ -125,7 +125,11 @@ pub async fn dispatch(ctx: &ControlContext, request: Request) -> Result<Value, C
             let request = crate::l402::client::FetchRequest {
                 url: p.url,
                 method: p.method.unwrap_or_else(|| {
-                    if p.data.is_some() { "POST".into() } else { "GET".into() }
+                    if p.data.is_some() {
+                        "POST".into()
+                    } else {
+                        "GET".into()
+                    }
                 }),
                 headers,
                 body: p.data.map(String::into_bytes),

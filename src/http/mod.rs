@@ -272,8 +272,8 @@ async fn automaton_json(State(state): State<Arc<FaceState>>) -> Response {
 }
 
 /// The paid services listed in `automaton.json`: `{name, path, price_sats, description}` of each.
-fn advertised_services(_config: &Config) -> Vec<serde_json::Value> {
-    Vec::new()
+fn advertised_services(config: &Config) -> Vec<serde_json::Value> {
+    crate::l402::server::advertised(&config.http.services)
 }
 
 #[cfg(test)]

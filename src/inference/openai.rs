@@ -128,11 +128,17 @@ impl OpenAiProvider {
             .map_err(|e| InferenceError::BadResponse(format!("cannot encode the request: {e}")))?;
         let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
         if let Some(key) = &self.key {
-            headers.push(("authorization".to_string(), format!("Bearer {}", key.expose())));
+            headers.push((
+                "authorization".to_string(),
+                format!("Bearer {}", key.expose()),
+            ));
         }
         let response = payer.post(&self.url, headers, body, self.timeout).await?;
         if response.paid_msat > 0 {
-            tracing::info!(paid_msat = response.paid_msat, "paid for an inference call over L402");
+            tracing::info!(
+                paid_msat = response.paid_msat,
+                "paid for an inference call over L402"
+            );
         }
         let text = String::from_utf8_lossy(&response.body).into_owned();
         if !(200..300).contains(&response.status) {

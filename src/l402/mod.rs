@@ -3,3 +3,4 @@
 //! verification) is the `automaton-l402` crate.
 
 pub mod client;
+pub mod server;

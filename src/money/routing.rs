@@ -11,7 +11,9 @@ use super::tiers::{self, SurvivalTier};
 use super::{BudgetError, BudgetPolicy};
 use crate::config::{Config, InferenceConfig, Secret};
 use crate::home::Home;
-use crate::inference::{self, ChatRequest, Completion, InferenceError, InferenceProvider};
+use crate::inference::{
+    self, ChatRequest, Completion, InferenceError, InferenceProvider, PaidHttp,
+};
 use crate::state::Db;
 use crate::tools::{Authority, AuthorityPolicy, Decision, Registry, ToolDef, ToolPolicy};
 
@@ -24,6 +26,8 @@ pub struct TierRouter {
     default: Arc<dyn InferenceProvider>,
     by_model: Mutex<HashMap<String, Arc<dyn InferenceProvider>>>,
     budget: Option<BudgetPolicy>,
+    /// Paid inference (`inference.auth: l402`): other tiers' models pay through the same transport.
+    payer: Option<Arc<dyn PaidHttp>>,
 }
 
 impl TierRouter {
@@ -42,7 +46,14 @@ impl TierRouter {
             default,
             by_model: Mutex::new(HashMap::new()),
             budget,
+            payer: None,
         }
+    }
+
+    /// Other tiers' models pay per call through `payer` too (paid inference).
+    pub fn with_payer(mut self, payer: Option<Arc<dyn PaidHttp>>) -> TierRouter {
+        self.payer = payer;
+        self
     }
 
     fn provider_for(&self, model: &str) -> Result<Arc<dyn InferenceProvider>, InferenceError> {
@@ -60,7 +71,8 @@ impl TierRouter {
             model: model.to_string(),
             ..self.config.clone()
         };
-        let provider = inference::provider_from_config(&config, self.key.clone())?;
+        let provider =
+            inference::provider_with_payer(&config, self.key.clone(), self.payer.clone())?;
         cache.insert(model.to_string(), provider.clone());
         Ok(provider)
     }
@@ -152,6 +164,7 @@ pub fn wire_agent(
     db: &Db,
     registry: Registry,
     provider: Arc<dyn InferenceProvider>,
+    payer: Option<Arc<dyn PaidHttp>>,
 ) -> (Registry, Arc<dyn InferenceProvider>) {
     // Other tiers' providers need the key too; an unreadable key only matters once such a model is asked for.
     let key = config.inference_api_key().ok().flatten();
@@ -162,7 +175,8 @@ pub fn wire_agent(
         key,
         provider,
         Some(budget),
-    );
+    )
+    .with_payer(payer);
     let registry = registry.with_policy(Box::new(TierToolPolicy::new(db.clone())));
     (registry, Arc::new(router))
 }

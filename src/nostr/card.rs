@@ -266,11 +266,7 @@ pub fn parse_card(event: &Event) -> Result<AgentCard, CardRejection> {
     let services = content
         .get("services")
         .and_then(Value::as_array)
-        .map(|list| {
-            list.iter()
-                .filter_map(|v| lenient_service(v))
-                .collect::<Vec<_>>()
-        })
+        .map(|list| list.iter().filter_map(lenient_service).collect::<Vec<_>>())
         .unwrap_or_default();
     let kinds: BTreeSet<u16> = event
         .tags

@@ -119,7 +119,7 @@ fn select(mut agents: Vec<AgentCard>, query: &Query) -> Vec<AgentCard> {
                 || !card.is_stale(now, query.stale_after_secs))
             && query.service.as_deref().is_none_or(|s| card.offers(s))
     });
-    agents.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    agents.sort_by_key(|a| std::cmp::Reverse(a.created_at));
     agents
 }
 

@@ -254,8 +254,10 @@ mod tests {
     async fn one_note_per_status_within_the_rate_limit() {
         let db = Db::open_in_memory().unwrap();
         let keys = Keys::generate();
-        let mut config = Config::default();
-        config.name = "atm-1".into();
+        let mut config = Config {
+            name: "atm-1".into(),
+            ..Config::default()
+        };
         config.creator.npub = Some(super::super::npub(&Keys::generate().public_key()));
         let relays = RelaySet::parse(&["ws://127.0.0.1:9"]).unwrap();
 

@@ -197,10 +197,17 @@ pub fn run(home: &Home, request: &SetupRequest) -> anyhow::Result<SetupOutcome> 
     if let Some(lab_path) = &request.lab {
         lab::write_secrets(home, lab_path)?;
     }
+    // Same shape as every other change in `automaton logs --changes`: the item, then who made it.
     let message = if existing {
-        format!("reconfigure {}", config.name)
+        crate::audit::message(
+            &crate::audit::Actor::command("setup --reconfigure"),
+            &format!("reconfigure {}", config.name),
+        )
     } else {
-        format!("setup: {} is born", config.name)
+        crate::audit::message(
+            &crate::audit::Actor::command("setup"),
+            &format!("setup: {} is born", config.name),
+        )
     };
     // The agent is complete without its history; a git failure must not make a finished setup look failed.
     let git = git::commit(home, &message).unwrap_or_else(|err| {

@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_money.sql"),
     include_str!("migrations/0004_nostr.sql"),
     include_str!("migrations/0005_lnurl_l402_client.sql"),
+    include_str!("migrations/0006_l402_seller.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -140,7 +140,8 @@ pub enum NodeState {
 }
 
 impl NodeState {
-    fn describe(&self) -> String {
+    /// One line for people: what the node is doing (and why it is not running).
+    pub fn describe(&self) -> String {
         match self {
             NodeState::Starting {
                 attempts,

@@ -165,7 +165,7 @@ impl Wallet {
                 )));
             }
         };
-        if request.amount_msat % 1000 != 0 {
+        if !request.amount_msat.is_multiple_of(1000) {
             return self.refuse(permit, "on-chain amounts are whole sats").await;
         }
         let sats = request.amount_msat / 1000;

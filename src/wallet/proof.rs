@@ -67,7 +67,20 @@ pub fn verify(receipt: &Receipt, node_id: &str) -> Verification {
     }
 }
 
+/// Checks a Lightning message signature (zbase32, as `Wallet::sign_message` makes) against a node id (hex).
+pub fn verify_message(message: &[u8], signature: &str, node_id: &str) -> bool {
+    match PublicKey::from_str(node_id.trim()) {
+        Ok(key) => message_signing::verify(message, signature, &key),
+        Err(_) => false,
+    }
+}
+
 impl Wallet {
+    /// Signs `message` with the node key (Lightning message signing, zbase32): attestations the agent sells.
+    pub fn sign_message(&self, message: &[u8]) -> Result<String, WalletError> {
+        Ok(self.node()?.sign_message(message))
+    }
+
     /// Signs a receipt in a final state with the node key and stores the signature. Returns the signed receipt.
     pub(super) async fn sign_receipt(&self, receipt: Receipt) -> Result<Receipt, WalletError> {
         if receipt.status == ReceiptStatus::Pending {

@@ -306,12 +306,7 @@ fn api_payment(p: &PaymentRecord) -> ApiPayment {
 
 /// The caller's VM: unknown → 404 `Resource not found`; someone else's → 403 (checked before deletion); deleted
 /// → 404 `VM not found` unless `allow_deleted` (the upgrade routes skip that check).
-fn owned_vm(
-    store: &Store,
-    uid: u64,
-    id: u64,
-    allow_deleted: bool,
-) -> Result<&VmRecord, ApiError> {
+fn owned_vm(store: &Store, uid: u64, id: u64, allow_deleted: bool) -> Result<&VmRecord, ApiError> {
     let vm = store.vms.get(&id).ok_or_else(ApiError::missing)?;
     if vm.user_id != uid {
         return Err(ApiError::forbidden("VM does not belong to you"));
