@@ -17,7 +17,8 @@ const GENESIS: &str = "Keep tidy notes of what you learn in your workspace.";
 
 /// The tools the runtime must offer, exactly as the registry describes them.
 fn expected_tools() -> Value {
-    let registry = automaton::tools::Registry::with_builtin_tools(10_000).expect("registry");
+    // Setup gives every agent a wallet, so the money tools are offered too (no relays here: no Nostr tools).
+    let registry = automaton::tools::Registry::for_agent(10_000, true, false).expect("registry");
     Value::Array(
         registry
             .specs()
@@ -515,6 +516,7 @@ async fn protected_paths_are_refused_whatever_the_trick() {
     std::os::unix::fs::symlink(home.root(), ws.join("home-link")).expect("symlink");
     let config_before = read(home.config_path());
     let constitution_before = read(home.constitution_path());
+    let wallet_before = read(home.wallet_path());
 
     agent.run_turns(1, &[]);
 
@@ -524,9 +526,10 @@ async fn protected_paths_are_refused_whatever_the_trick() {
         assert!(content.contains("protected"), "{content}");
     }
     assert!(results[5].1.starts_with("wrote 7 bytes"));
-    assert!(
-        !home.wallet_path().exists(),
-        "nothing was written through the dangling link"
+    assert_eq!(
+        read(home.wallet_path()),
+        wallet_before,
+        "nothing was written through the link to the wallet"
     );
     assert_eq!(read(home.config_path()), config_before);
     assert_eq!(read(home.constitution_path()), constitution_before);
@@ -741,16 +744,12 @@ async fn the_agent_runs_on_the_anthropic_messages_api() {
         .iter()
         .map(|t| t["name"].as_str().expect("name"))
         .collect();
-    assert_eq!(
-        names,
-        [
-            "exec",
-            "read_file",
-            "write_file",
-            "sleep",
-            "system_synopsis"
-        ]
-    );
+    let expected: Vec<Value> = expected_tools().as_array().expect("tools").clone();
+    let expected: Vec<&str> = expected
+        .iter()
+        .map(|t| t["function"]["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, expected);
     let last = requests[1].messages().last().expect("a message").clone();
     assert_eq!(last["role"], "user");
     assert_eq!(last["content"][0]["type"], "tool_result");

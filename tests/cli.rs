@@ -214,11 +214,17 @@ fn status_reports_honestly_before_any_turn() {
     assert_eq!(report["pid"], Value::Null);
     assert_eq!(report["inference"]["model"], "test-model");
     assert_eq!(report["inference"]["api_key"], "not_needed");
-    assert_eq!(report["tier"], Value::Null, "no tier without a wallet");
-    assert_eq!(report["wallet"]["status"], "not_set_up");
+    // Setup made the wallet: the tier is measured from it (no balance seen yet: normal).
+    assert_eq!(report["tier"], "normal");
+    assert_eq!(report["wallet"]["status"], "ready");
     assert_eq!(report["totals"]["turns"], 0);
     assert_eq!(report["last_turn"], Value::Null);
 
+    // Without a wallet there is nothing to measure: no tier, and status says so.
+    std::fs::remove_file(home.join("wallet.json")).unwrap();
+    let report = status_json(&home);
+    assert_eq!(report["tier"], Value::Null, "no tier without a wallet");
+    assert_eq!(report["wallet"]["status"], "not_set_up");
     automaton(&home)
         .arg("status")
         .assert()

@@ -130,21 +130,12 @@ async fn run_inner(
     cancel: CancellationToken,
 ) -> Result<RunSummary, AgentError> {
     let compute = compute::provider_from_config(home, config)?;
-    let mut registry = Registry::with_builtin_tools(config.agent.tool_result_cap_bytes)?;
-    if services.wallet.is_some() {
-        for tool in crate::tools::handlers::wallet::tools() {
-            registry.register(tool)?;
-        }
-        for tool in crate::tools::handlers::l402::tools() {
-            registry.register(tool)?;
-        }
-    }
-    // The Nostr tools only when there is a relay to talk to.
-    if !config.nostr.relays.is_empty() {
-        for tool in crate::tools::handlers::nostr::tools() {
-            registry.register(tool)?;
-        }
-    }
+    // Money tools only with a wallet; the Nostr tools only when there is a relay to talk to.
+    let registry = Registry::for_agent(
+        config.agent.tool_result_cap_bytes,
+        services.wallet.is_some(),
+        !config.nostr.relays.is_empty(),
+    )?;
     // Paid inference: the tier router's other models pay through the same kind of transport.
     let payer = crate::l402::client::inference_payer(config, services.wallet.as_ref())?;
     let ctx = ToolContext {

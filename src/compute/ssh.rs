@@ -1042,6 +1042,24 @@ pub fn ensure_keypair(path: &Path, comment: &str) -> Result<String, ComputeError
             });
         }
     }
+    if !public.exists() {
+        // A private key put there by hand, without its `.pub`: derive the public half from it.
+        let out = std::process::Command::new("ssh-keygen")
+            .arg("-y")
+            .arg("-f")
+            .arg(path)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(ComputeError::Spawn)?;
+        if !out.status.success() {
+            return Err(ComputeError::Io {
+                op: "read key",
+                path: path.to_path_buf(),
+                source: io::Error::other(last_line(&String::from_utf8_lossy(&out.stderr))),
+            });
+        }
+        return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
     let line =
         std::fs::read_to_string(&public).map_err(|e| ComputeError::io("read", &public, e))?;
     Ok(line.trim().to_string())

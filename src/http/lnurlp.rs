@@ -48,6 +48,9 @@ fn error(reason: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// How long a callback waits for a starting node before answering with an error (wallets give up near 30 s).
+const NODE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// At most this many LNURL-pay invoices a minute: each one costs the node work (and may ask the LSP for a JIT
 /// channel), and the callback is open to anyone.
 const INVOICES_PER_MINUTE: usize = 60;
@@ -149,6 +152,10 @@ pub async fn callback(
     }
     if !state.allow_invoice() {
         return error("too many invoices requested; try again in a minute");
+    }
+    // A payer who arrives while the node is still starting (just restarted) waits a moment instead of failing.
+    if let Err(e) = wallet.wait_ready(NODE_WAIT).await {
+        return error(format!("cannot create an invoice: {e}"));
     }
     let hash: [u8; 32] = Sha256::digest(state.metadata.as_bytes()).into();
     let created = match wallet

@@ -431,17 +431,74 @@ impl Seller {
         })
     }
 
+    /// Forgets challenges whose invoice expired unpaid. A token that was paid but not used yet is kept (marked
+    /// paid): the node's payment store decides, so pruning waits while the node is not running.
+    async fn prune_expired(&self) -> Result<(), StateError> {
+        if !matches!(
+            self.inner.wallet.state(),
+            crate::wallet::NodeState::Running { .. }
+        ) {
+            return Ok(());
+        }
+        let now = unix_now() as i64;
+        let expired: Vec<(String, String)> = self
+            .inner
+            .db
+            .call(move |conn| {
+                let mut stmt = conn.prepare(
+                    "SELECT id, payment_hash FROM l402_root_keys \
+                     WHERE paid_at IS NULL AND invoice_expires_at < ?1 LIMIT 500",
+                )?;
+                let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect()
+            })
+            .await?;
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let verdicts: Vec<(String, bool)> = expired
+            .into_iter()
+            .map(|(id, hash)| {
+                let paid = self
+                    .inner
+                    .wallet
+                    .inbound_payment(&hash)
+                    .is_some_and(|p| p.settled);
+                (id, paid)
+            })
+            .collect();
+        let stamp = crate::state::now_rfc3339();
+        self.inner
+            .db
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                for (id, paid) in &verdicts {
+                    if *paid {
+                        tx.execute(
+                            "UPDATE l402_root_keys SET paid_at = ?2 WHERE id = ?1 AND paid_at IS NULL",
+                            params![id, stamp],
+                        )?;
+                    } else {
+                        tx.execute(
+                            "DELETE FROM l402_root_keys WHERE id = ?1 AND paid_at IS NULL",
+                            [id],
+                        )?;
+                    }
+                }
+                tx.commit()
+            })
+            .await
+    }
+
     /// A fresh 402: a new invoice from the agent's node, a new macaroon whose root key is stored first.
     async fn challenge(&self, service: &ServiceConfig, reason: &str) -> Response {
-        let now = unix_now();
+        if let Err(e) = self.prune_expired().await {
+            return unavailable(&format!("the state database failed: {e}"));
+        }
         let outstanding = self
             .inner
             .db
             .call(move |conn| {
-                conn.execute(
-                    "DELETE FROM l402_root_keys WHERE paid_at IS NULL AND invoice_expires_at < ?1",
-                    [now as i64],
-                )?;
                 conn.query_row(
                     "SELECT count(*) FROM l402_root_keys WHERE paid_at IS NULL",
                     [],
@@ -463,6 +520,7 @@ impl Seller {
             Ok(_) => {}
             Err(e) => return unavailable(&format!("the state database failed: {e}")),
         }
+        let now = unix_now();
         let price_msat = service.price_sats.saturating_mul(1000);
         let memo = format!("{} (L402, {} sats)", service.name, service.price_sats);
         let purpose = format!("l402 sale: {}", service.name);

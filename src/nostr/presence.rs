@@ -293,6 +293,9 @@ async fn tick(
     }
     *published = Some(content.clone());
     if *last_status != Some(content.status) {
+        // A newborn is critical before anyone has paid it; once funded, a status it drains back to between two
+        // ticks must still raise the alarm, so "never funded" leaves the status unsettled (tried again next tick).
+        let mut settled = true;
         if content.status.is_distress() {
             match distress::signal(
                 db,
@@ -306,10 +309,13 @@ async fn tick(
             .await?
             {
                 Ok(sent) => tracing::warn!(event_id = %sent.event_id, "distress signal queued"),
+                Err(distress::NoDistress::NeverFunded) => settled = false,
                 Err(why) => tracing::info!(?why, "no distress note"),
             }
         }
-        *last_status = Some(content.status);
+        if settled {
+            *last_status = Some(content.status);
+        }
     }
     let report = outbox::flush(db, client).await?;
     if report.sent + report.failed > 0 {

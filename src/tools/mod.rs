@@ -246,6 +246,30 @@ impl Registry {
         Ok(registry)
     }
 
+    /// The tools an agent is offered: the built-in ones, the money tools when it has a wallet, the Nostr tools
+    /// when it has relays. `automaton run` and the tests that pin the tool list both use this.
+    pub fn for_agent(
+        result_cap: usize,
+        wallet: bool,
+        nostr: bool,
+    ) -> Result<Registry, SchemaError> {
+        let mut registry = Registry::with_builtin_tools(result_cap)?;
+        if wallet {
+            for tool in handlers::wallet::tools()
+                .into_iter()
+                .chain(handlers::l402::tools())
+            {
+                registry.register(tool)?;
+            }
+        }
+        if nostr {
+            for tool in handlers::nostr::tools() {
+                registry.register(tool)?;
+            }
+        }
+        Ok(registry)
+    }
+
     pub fn register(&mut self, handler: Arc<dyn ToolHandler>) -> Result<(), SchemaError> {
         let def = handler.def();
         let schema = jsonschema::JSONSchema::compile(&def.parameters).map_err(|e| SchemaError {
