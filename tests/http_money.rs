@@ -924,3 +924,220 @@ async fn the_agent_buys_from_the_lab_l402_api() {
     );
     assert_eq!(out_receipts(&agent).len(), 4);
 }
+
+/// One GET to the agent's face, with an optional `Authorization` header: (status, WWW-Authenticate values, body).
+async fn face_get(url: &str, authorization: Option<&str>) -> (u16, Vec<String>, Vec<u8>) {
+    let mut request = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(60));
+    if let Some(value) = authorization {
+        request = request.header("Authorization", value);
+    }
+    let resp = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    let challenges = resp
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .collect();
+    (status, challenges, resp.bytes().await.unwrap().to_vec())
+}
+
+/// A 402's L402 challenge: (macaroon base64, bolt11). Both the `LSAT` and the `L402` forms must be there.
+fn l402_challenge(status: u16, headers: &[String]) -> (String, String) {
+    assert_eq!(status, 402, "{headers:?}");
+    assert!(
+        headers.iter().any(|h| h.starts_with("LSAT ")),
+        "{headers:?}"
+    );
+    assert!(
+        headers.iter().any(|h| h.starts_with("L402 ")),
+        "{headers:?}"
+    );
+    let challenges =
+        automaton_l402::challenge::parse_challenges(headers.iter().map(String::as_str))
+            .expect("a parseable challenge");
+    let chosen = automaton_l402::challenge::preferred(&challenges).expect("an L402 challenge");
+    let hash = chosen.payment_hash().expect("identifier");
+    let invoice: lightning_invoice::Bolt11Invoice = chosen.invoice.parse().expect("bolt11");
+    assert_eq!(
+        hex::encode(hash),
+        invoice.payment_hash().to_string(),
+        "the macaroon commits to its invoice"
+    );
+    (chosen.token.clone(), chosen.invoice.clone())
+}
+
+/// The lab creator pays `bolt11`; the preimage it got back.
+async fn creator_pays(world: &World, bolt11: &str) -> [u8; 32] {
+    let paid = lab_post(world, "/lab/creator/pay", json!({ "bolt11": bolt11 })).await;
+    hex::decode(paid["preimage"].as_str().expect("preimage"))
+        .unwrap()
+        .try_into()
+        .unwrap()
+}
+
+/// Buys one token for `url`: the 402, the creator's payment, and the credential header that now passes.
+async fn buy(world: &World, url: &str) -> (String, String, [u8; 32]) {
+    let (status, headers, _) = face_get(url, None).await;
+    let (macaroon, invoice) = l402_challenge(status, &headers);
+    let preimage = creator_pays(world, &invoice).await;
+    let authorization = automaton_l402::credential::format_authorization(&macaroon, &preimage);
+    (authorization, macaroon, preimage)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_creator_buys_the_agents_paid_services_and_bad_credentials_get_a_fresh_402() {
+    let world = world::shared();
+    let services = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        services.path(),
+        "http:\n  services:\n    - name: status-attestation\n      path: /l402/status\n      price_sats: 21\n      \
+         kind: attestation\n      description: signed status\n    - name: fortune\n      path: /l402/fortune\n      \
+         price_sats: 30\n      validity_secs: 6\n      kind: static\n      response: '{\"fortune\": \"sats flow to \
+         the useful\"}'\n",
+    )
+    .unwrap();
+    let agent = lab_agent(
+        world,
+        "vendor",
+        &["--config-from", services.path().to_str().unwrap()],
+    );
+    let running = agent.start();
+    agent.wait_ready();
+    // Inbound capacity first: a fresh agent's first payment opens its JIT channel, which small sales cannot pay for.
+    let (address, base) = agent.face();
+    fund_via_address(world, &agent, &address, 50_000, "float").await;
+
+    // automaton.json and the agent's node id, to check the attestation against.
+    let card = get_json(&format!("{base}/.well-known/automaton.json")).await;
+    let names: Vec<&str> = card["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["status-attestation", "fortune"], "{card}");
+    assert_eq!(card["services"][0]["price_sats"], 21);
+    let node_id = card["node_id"].as_str().unwrap().to_string();
+
+    // A plain request pays, retries with the credential, and gets a node-signed attestation.
+    let status_url = format!("{base}/l402/status?nonce=n-123");
+    let (status_auth, status_macaroon, status_preimage) = buy(world, &status_url).await;
+    let (code, _, body) = face_get(&status_url, Some(&status_auth)).await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let document: Value = serde_json::from_slice(&body).unwrap();
+    assert!(automaton::l402::server::verify_attestation(
+        &document,
+        Some(&node_id)
+    ));
+    assert_eq!(document["attestation"]["nonce"], "n-123");
+    assert_eq!(document["attestation"]["name"], "vendor");
+    let mut forged = document.clone();
+    forged["attestation"]["tier"] = json!("high");
+    assert!(!automaton::l402::server::verify_attestation(
+        &forged,
+        Some(&node_id)
+    ));
+    // The same token is good again (until its expiry) without paying twice.
+    assert_eq!(face_get(&status_url, Some(&status_auth)).await.0, 200);
+    // The sale arrives as a receipt in.
+    let hash = sha256_hex(&status_preimage);
+    assert!(
+        eventually(Duration::from_secs(30), || agent.receipts().iter().any(
+            |r| r["payment_hash"] == hash.as_str() && r["direction"] == "in"
+        )),
+        "no receipt for the sale:\n{}",
+        agent.logs()
+    );
+
+    // Each bad credential gets a fresh 402 (a new invoice), never the service.
+    let mut tampered =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &status_macaroon)
+            .unwrap();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    let tampered = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &tampered);
+    let wrong_preimage = [7u8; 32];
+    let bad = [
+        automaton_l402::credential::format_authorization(&tampered, &status_preimage),
+        automaton_l402::credential::format_authorization(&status_macaroon, &wrong_preimage),
+        "L402 not-a-macaroon:00".to_string(),
+    ];
+    for authorization in &bad {
+        let (code, headers, _) = face_get(&status_url, Some(authorization)).await;
+        let (_, invoice) = l402_challenge(code, &headers);
+        assert_ne!(invoice, "", "a fresh invoice for {authorization:.20}");
+    }
+    // A token bought for one service is refused by another.
+    let fortune_url = format!("{base}/l402/fortune");
+    let (code, headers, _) = face_get(&fortune_url, Some(&status_auth)).await;
+    l402_challenge(code, &headers);
+
+    // The short-lived service: good at once, refused with a fresh 402 once its validity passed.
+    let (fortune_auth, _, _) = buy(world, &fortune_url).await;
+    let (code, _, body) = face_get(&fortune_url, Some(&fortune_auth)).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["fortune"],
+        "sats flow to the useful"
+    );
+    let start = Instant::now();
+    let mut expired = false;
+    while start.elapsed() < Duration::from_secs(30) && !expired {
+        expired = face_get(&fortune_url, Some(&fortune_auth)).await.0 == 402;
+        if !expired {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    assert!(expired, "the fortune token never expired");
+
+    // Tokens survive a restart: root keys live in the state DB.
+    running.stop();
+    let running = agent.start();
+    agent.wait_ready();
+    assert_eq!(face_get(&status_url, Some(&status_auth)).await.0, 200);
+
+    // The seller's books, and revocation.
+    let sold = agent.json(&["l402", "sold", "--json"]);
+    let sold = sold.as_array().unwrap();
+    assert_eq!(sold.len(), 2, "{sold:?}");
+    let status_token = sold
+        .iter()
+        .find(|t| t["service"] == "status-attestation")
+        .unwrap();
+    assert_eq!(status_token["paid"], true);
+    assert!(
+        status_token["uses"].as_u64().unwrap() >= 3,
+        "{status_token}"
+    );
+    assert_eq!(status_token["payment_hash"], hash.as_str());
+    let text = serde_json::to_string(&sold).unwrap();
+    assert!(!text.contains(&status_macaroon), "sold never shows a token");
+    let revoked = agent.run(&["l402", "revoke", status_token["token_id"].as_str().unwrap()]);
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    let (code, headers, _) = face_get(&status_url, Some(&status_auth)).await;
+    l402_challenge(code, &headers);
+    let again = agent.run(&["l402", "revoke", status_token["token_id"].as_str().unwrap()]);
+    assert!(
+        !again.status.success(),
+        "revoking twice says nothing matched"
+    );
+
+    // No bearer secret in the agent's logs.
+    let logs = agent.logs();
+    assert!(!logs.contains(&status_macaroon), "a macaroon in the logs");
+    assert!(
+        !logs.contains(&hex::encode(status_preimage)),
+        "a preimage in the logs"
+    );
+    running.stop();
+}

@@ -30,6 +30,25 @@ enum L402Command {
     Tokens(TokensArgs),
     /// Drop cached credentials: those covering URL, or --all (the next fetch buys anew)
     Forget(ForgetArgs),
+    /// The tokens this agent sold for its own paid services (`http.services`): service, price, uses
+    Sold(SoldArgs),
+    /// Revoke a sold token (by token id, payment hash or root key id): its holder gets a fresh 402
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, Args)]
+struct SoldArgs {
+    /// Also list challenges not paid (yet)
+    #[arg(long)]
+    all: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct RevokeArgs {
+    /// Token id, payment hash or root key id (64 hex digits, as `l402 sold` shows)
+    id: String,
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +102,8 @@ pub fn execute(home: &Home, args: L402Args) -> anyhow::Result<()> {
     match args.command {
         L402Command::Fetch(args) => fetch(home, args),
         L402Command::Tokens(args) => tokens(home, args),
+        L402Command::Sold(args) => sold(home, args),
+        L402Command::Revoke(args) => revoke(home, args),
         L402Command::Forget(args) => {
             let db = Db::open(&home.db_path())?;
             let dropped = crate::l402::client::forget_tokens(&db, args.url.as_deref())?;
@@ -196,4 +217,53 @@ fn tokens(home: &Home, args: TokensArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs one async state-DB call from a synchronous command.
+fn block_on<F: std::future::Future>(future: F) -> anyhow::Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(future))
+}
+
+fn sold(home: &Home, args: SoldArgs) -> anyhow::Result<()> {
+    let db = Db::open(&home.db_path())?;
+    let tokens = block_on(crate::l402::server::sold(&db, args.all))??;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&tokens)?);
+        return Ok(());
+    }
+    if tokens.is_empty() {
+        eprintln!("no tokens sold yet");
+        return Ok(());
+    }
+    for t in tokens {
+        let until = t
+            .valid_until
+            .and_then(|v| chrono::DateTime::from_timestamp(v as i64, 0))
+            .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_else(|| "no expiry".into());
+        println!(
+            "{}  {}  {} sats  {}  {} uses  until {}",
+            t.token_id,
+            t.service,
+            t.price_msat / 1000,
+            if t.paid { "paid" } else { "unpaid" },
+            t.uses,
+            until
+        );
+    }
+    Ok(())
+}
+
+fn revoke(home: &Home, args: RevokeArgs) -> anyhow::Result<()> {
+    let db = Db::open(&home.db_path())?;
+    match block_on(crate::l402::server::revoke(&db, &args.id))? {
+        Ok(n) => {
+            println!("revoked {n} token(s): their holders get a fresh 402");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -49,6 +49,10 @@ pub struct ServiceConfig {
     #[serde(default)]
     pub description: String,
     pub kind: ServiceKind,
+    /// The NIP-90 job kind (5000–5999) this service also answers, listed as a `k` tag on the agent card so
+    /// discovery by job kind finds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_kind: Option<u16>,
     /// `static`: the body to answer with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response: Option<String>,
@@ -95,6 +99,7 @@ pub fn status_attestation() -> ServiceConfig {
             "A node-signed attestation of this agent's current status (GET; ?nonce=… is signed too)"
                 .into(),
         kind: ServiceKind::Attestation,
+        job_kind: None,
         response: None,
         content_type: None,
         command: None,
@@ -165,6 +170,13 @@ pub fn problems(services: &[ServiceConfig]) -> Vec<String> {
             ServiceKind::Skill => needs("skill", &s.skill),
         };
         out.extend(missing);
+        if let Some(k) = s.job_kind {
+            if !(5000..=5999).contains(&k) {
+                out.push(format!(
+                    "{who}: job_kind {k} is not a NIP-90 job request kind (5000-5999)"
+                ));
+            }
+        }
         if services[..i].iter().any(|o| o.name == s.name) {
             out.push(format!("{who}: the name is used twice"));
         }
@@ -190,9 +202,11 @@ mod tests {
         bad.path = "/.well-known/x".into();
         bad.price_sats = 0;
         bad.kind = ServiceKind::Command;
+        bad.job_kind = Some(1);
         let found = problems(&[bad, status_attestation(), status_attestation()]);
         let text = found.join("\n");
         assert!(text.contains("name must be"), "{text}");
+        assert!(text.contains("job_kind 1"), "{text}");
         assert!(text.contains("belongs to the HTTP face"), "{text}");
         assert!(text.contains("price_sats"), "{text}");
         assert!(text.contains("needs `command`"), "{text}");

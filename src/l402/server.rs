@@ -88,6 +88,8 @@ pub struct SoldToken {
     pub last_used_at: Option<String>,
     pub uses: u64,
     pub valid_until: Option<u64>,
+    /// The invoice was settled (whether or not the token has been used yet).
+    pub paid: bool,
 }
 
 impl Seller {
@@ -1002,10 +1004,14 @@ pub fn payment_receipt(payment_hash: &str) -> String {
 pub async fn sold(db: &Db, include_unpaid: bool) -> Result<Vec<SoldToken>, SellerError> {
     Ok(db
         .call(move |conn| {
+            // Paid: used with a settled invoice (paid_at), or settled in the receipts the event pump writes
+            // (bought but not used yet).
             let sql = format!(
                 "SELECT id, service, payment_hash, token_id, price_msat, created_at, paid_at, last_used_at, uses, \
-                 valid_until FROM l402_root_keys {} ORDER BY created_at DESC, rowid DESC",
-                if include_unpaid { "" } else { "WHERE paid_at IS NOT NULL" }
+                 valid_until, paid FROM (SELECT k.*, rowid AS row, (paid_at IS NOT NULL OR EXISTS (SELECT 1 FROM \
+                 receipts r WHERE r.payment_hash = k.payment_hash AND r.direction = 'in' AND r.status = \
+                 'succeeded')) AS paid FROM l402_root_keys k) {} ORDER BY created_at DESC, row DESC",
+                if include_unpaid { "" } else { "WHERE paid" }
             );
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map([], |r| {
@@ -1020,6 +1026,7 @@ pub async fn sold(db: &Db, include_unpaid: bool) -> Result<Vec<SoldToken>, Selle
                     last_used_at: r.get(7)?,
                     uses: r.get::<_, i64>(8)?.max(0) as u64,
                     valid_until: r.get::<_, Option<i64>>(9)?.map(|v| v.max(0) as u64),
+                    paid: r.get(10)?,
                 })
             })?;
             rows.collect::<rusqlite::Result<Vec<_>>>()

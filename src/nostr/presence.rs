@@ -10,7 +10,7 @@ use rusqlite::Connection;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::card::{card_event, CardContent, CardStatus, VERSION};
+use super::card::{card_event, CardContent, CardService, CardStatus, VERSION};
 use super::outbox::{self, Purpose};
 use super::relays::{self, RelaySet};
 use super::{distress, NostrError};
@@ -76,6 +76,29 @@ pub fn http_face(config: &Config) -> (Option<String>, Option<String>, Option<Str
     (advertised.lightning_address, lnurlp, Some(web))
 }
 
+/// The paid services of `http.services` as the card lists them: where to call them, that they take L402, and
+/// what one call costs. None when the face has no address to be reached at.
+pub fn card_services(config: &Config) -> Vec<CardService> {
+    if config.http.public_url.is_none() && config.http.listen.is_none() {
+        return Vec::new();
+    }
+    let base = crate::http::Advertised::from_config(config, None).public_url;
+    config
+        .http
+        .services
+        .iter()
+        .map(|s| CardService {
+            id: s.name.clone(),
+            kind: s.job_kind,
+            url: Some(format!("{base}{}", s.path)),
+            auth: Some("l402".to_string()),
+            price_msat: Some(s.price_sats.saturating_mul(1000)),
+            unit: Some("request".to_string()),
+            description: (!s.description.is_empty()).then(|| s.description.clone()),
+        })
+        .collect()
+}
+
 /// The card as it should read now: config, recorded identity, survival tier.
 pub fn current_card(config: &Config, conn: &Connection) -> rusqlite::Result<CardContent> {
     let identity = Identity::read(config, conn)?;
@@ -95,8 +118,7 @@ pub fn current_card(config: &Config, conn: &Connection) -> rusqlite::Result<Card
         lud16: identity.lightning_address,
         lnurlp: identity.lnurlp,
         web: identity.web,
-        // The HTTP face's paid services join the card once they are declared in config.
-        services: Vec::new(),
+        services: card_services(config),
         parent: config.nostr.parent.clone(),
         updated_at: Timestamp::now().as_secs(),
     })

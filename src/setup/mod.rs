@@ -102,7 +102,10 @@ pub fn run(home: &Home, request: &SetupRequest) -> anyhow::Result<SetupOutcome> 
         // The file alone: env overrides are for one process and must not be baked into the file.
         Config::from_yaml(&text, &path)?
     } else {
-        Config::default()
+        // A newborn sells one thing from the start: a node-signed attestation of its status (21 sats, plain GET).
+        let mut config = Config::default();
+        config.http.services = vec![crate::config::services::status_attestation()];
+        config
     };
     let mut given = Given {
         name: existing,
