@@ -760,3 +760,96 @@ async fn the_agent_runs_on_the_anthropic_messages_api() {
         .starts_with("wrote 5 bytes"));
     assert_eq!(agent.turn_outcomes(), ["text"]);
 }
+
+#[tokio::test]
+async fn the_agent_puts_a_service_on_sale_and_takes_it_off_with_set_service() {
+    let model = ModelServer::openai(|n, _| match n {
+        0 => tool_calls(&[
+            (
+                "set_service",
+                json!({"action": "add", "name": "summarise", "path": "/l402/summarise", "price_sats": 50,
+                       "description": "Summaries of your text", "kind": "skill", "skill": "summarise-text"}),
+            ),
+            (
+                "set_service",
+                json!({"action": "add", "name": "ghost", "path": "/l402/ghost", "price_sats": 5,
+                       "kind": "skill", "skill": "no-such-skill"}),
+            ),
+            (
+                "set_service",
+                json!({"action": "add", "name": "clash", "path": "/.well-known/x", "price_sats": 5,
+                       "kind": "static", "response": "hi"}),
+            ),
+            (
+                "set_service",
+                json!({"action": "remove", "name": "status-attestation"}),
+            ),
+        ]),
+        _ => tool_call("sleep", json!({"seconds": 60})),
+    })
+    .await;
+    let agent = TestHome::new();
+    agent.setup(&model.base_url(), GENESIS);
+    let home = agent.home();
+    let before = read(home.config_path());
+    assert!(
+        before.contains("status-attestation"),
+        "setup sells the attestation"
+    );
+
+    agent.run_turns(1, &[]);
+
+    let results = model.requests()[1].trailing_tool_results();
+    assert!(
+        results[0].1.starts_with("Done: sell service summarise"),
+        "{}",
+        results[0].1
+    );
+    assert!(results[1].1.contains("no-such-skill"), "{}", results[1].1);
+    assert!(
+        results[2].1.contains("nothing was changed"),
+        "{}",
+        results[2].1
+    );
+    assert!(
+        results[3].1.starts_with("Done: stop selling"),
+        "{}",
+        results[3].1
+    );
+    let config =
+        automaton::config::Config::from_yaml(&read(home.config_path()), &home.config_path())
+            .expect("the edited config is valid");
+    let names: Vec<&str> = config
+        .http
+        .services
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["summarise"]);
+    assert_eq!(config.http.services[0].price_sats, 50);
+    // Each accepted change is in the creator's change log, naming the tool.
+    let changes = agent
+        .automaton()
+        .args(["logs", "--changes", "--json"])
+        .output()
+        .expect("logs");
+    let changes: Value = serde_json::from_slice(&changes.stdout).expect("json");
+    let messages: Vec<String> = changes
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| c["message"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("sell service summarise") && m.contains("set_service")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("stop selling service status-attestation")),
+        "{messages:?}"
+    );
+}

@@ -23,6 +23,10 @@ pub const SKILLS: &[(&str, &str)] = &[
         "renting-compute",
         include_str!("../../skills/renting-compute/SKILL.md"),
     ),
+    (
+        "summarise-text",
+        include_str!("../../skills/summarise-text/SKILL.md"),
+    ),
 ];
 
 #[cfg(test)]

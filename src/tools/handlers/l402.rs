@@ -16,9 +16,9 @@ const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Longest body shown to the model (the tool result cap applies after this too).
 const BODY_CAP: usize = 8_000;
 
-/// The L402 tools offered with a wallet.
+/// The L402 tools offered with a wallet: buying (`l402_fetch`) and selling (`set_service`).
 pub fn tools() -> Vec<Arc<dyn ToolHandler>> {
-    vec![Arc::new(L402FetchTool)]
+    vec![Arc::new(L402FetchTool), Arc::new(SetServiceTool)]
 }
 
 pub struct L402FetchTool;
@@ -115,4 +115,161 @@ impl ToolHandler for L402FetchTool {
             Err(e) => Err(ToolError::Respond(e.to_string())),
         }
     }
+}
+
+/// `set_service`: the agent declares (or withdraws) one of its paid services in `automaton.yaml`'s
+/// `http.services`. The seller re-reads the file, so the service is on sale at once; the change is committed to the
+/// home's history naming the tool and the turn, like every other change the agent makes to itself.
+pub struct SetServiceTool;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceArgs {
+    action: String,
+    name: String,
+    path: Option<String>,
+    price_sats: Option<u64>,
+    description: Option<String>,
+    kind: Option<crate::config::services::ServiceKind>,
+    response: Option<String>,
+    command: Option<String>,
+    skill: Option<String>,
+    validity_secs: Option<u64>,
+}
+
+#[async_trait]
+impl ToolHandler for SetServiceTool {
+    fn def(&self) -> ToolDef {
+        ToolDef {
+            name: "set_service",
+            description: "Sell something on your HTTP face behind an L402 paywall, or stop selling it. add: name, \
+                          path (e.g. /l402/summarise), price_sats, description and kind: `skill` (your model runs \
+                          the skill named `skill` on the buyer's text), `command` (runs `command` in your workspace, \
+                          the request body on stdin, stdout is the answer), `static` (answers `response`) or \
+                          `attestation` (a node-signed status). remove: name. On sale at once; your creator sees \
+                          the change.",
+            parameters: json!({
+                "type": "object",
+                "properties": {
+                    "action": {"enum": ["add", "remove"], "type": "string"},
+                    "name": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"},
+                    "path": {"type": "string", "description": "Where it is served, e.g. /l402/summarise."},
+                    "price_sats": {"type": "integer", "minimum": 1, "maximum": 1000000},
+                    "description": {"type": "string", "maxLength": 300},
+                    "kind": {"enum": ["skill", "command", "static", "attestation"], "type": "string"},
+                    "response": {"type": "string", "maxLength": 16000},
+                    "command": {"type": "string", "maxLength": 2000},
+                    "skill": {"type": "string", "maxLength": 64},
+                    "validity_secs": {"type": "integer", "minimum": 60, "description": "How long one purchase is good for (default 3600)."}
+                },
+                "required": ["action", "name"],
+                "additionalProperties": false
+            }),
+            risk: Risk::Caution,
+            read_only: false,
+        }
+    }
+
+    async fn call(&self, ctx: &ToolContext, args: Value) -> Result<ToolOutput, ToolError> {
+        let args: ServiceArgs =
+            serde_json::from_value(args).map_err(|e| ToolError::Respond(e.to_string()))?;
+        let home = ctx.home.clone();
+        let actor = crate::audit::Actor::tool("set_service", ctx.turn_id.as_deref());
+        tokio::task::spawn_blocking(move || set_service(&home, &actor, args))
+            .await
+            .map_err(|e| ToolError::Fatal(format!("tool task failed: {e}")))?
+            .map(ToolOutput::ok)
+            .map_err(ToolError::Respond)
+    }
+}
+
+/// Edits `http.services` in the file (not env or flag overrides), validated before anything is written.
+fn set_service(
+    home: &crate::home::Home,
+    actor: &crate::audit::Actor,
+    args: ServiceArgs,
+) -> Result<String, String> {
+    use crate::config::services::{
+        ServiceConfig, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_VALIDITY_SECS,
+    };
+    let _lock = crate::audit::lock(home).map_err(|e| e.to_string())?;
+    let path = home.config_path();
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("cannot read the config: {e}"))?;
+    let mut config = crate::config::Config::from_yaml(&text, &path).map_err(|e| e.to_string())?;
+    let services = &mut config.http.services;
+    let item = match args.action.as_str() {
+        "remove" => {
+            let before = services.len();
+            services.retain(|s| s.name != args.name);
+            if services.len() == before {
+                return Err(format!("no service named {:?} is on sale", args.name));
+            }
+            format!("stop selling service {}", args.name)
+        }
+        "add" => {
+            let (Some(path), Some(price_sats), Some(kind)) =
+                (args.path, args.price_sats, args.kind)
+            else {
+                return Err("add needs path, price_sats and kind".to_string());
+            };
+            let service = ServiceConfig {
+                name: args.name.clone(),
+                path,
+                price_sats,
+                validity_secs: args.validity_secs.unwrap_or(DEFAULT_VALIDITY_SECS),
+                description: args.description.unwrap_or_default(),
+                kind,
+                job_kind: None,
+                response: args.response,
+                content_type: None,
+                command: args.command,
+                skill: args.skill,
+                timeout_secs: None,
+                max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            };
+            if let crate::config::services::ServiceKind::Skill = kind {
+                let name = service.skill.clone().unwrap_or_default();
+                crate::skills::Library::for_home(home)
+                    .find(&name)
+                    .map_err(|e| format!("the skill behind the service: {e}"))?;
+            }
+            let item = format!(
+                "sell service {} at {} ({} sats, {})",
+                service.name,
+                service.path,
+                service.price_sats,
+                kind.as_str()
+            );
+            match services.iter_mut().find(|s| s.name == service.name) {
+                Some(existing) => *existing = service,
+                None => services.push(service),
+            }
+            item
+        }
+        other => return Err(format!("unknown action {other:?}: add or remove")),
+    };
+    config
+        .validate("set_service")
+        .map_err(|e| format!("{e}; nothing was changed"))?;
+    config.write(home).map_err(|e| e.to_string())?;
+    let change = crate::audit::record(home, actor, &item).ok().flatten();
+    let base = crate::http::Advertised::from_config(&config, None).public_url;
+    let on_sale: Vec<String> = config
+        .http
+        .services
+        .iter()
+        .map(|s| format!("{} {}{} ({} sats)", s.name, base, s.path, s.price_sats))
+        .collect();
+    Ok(format!(
+        "Done: {item}.{} On sale now: {}.",
+        change
+            .map(|id| format!(" Recorded as change {}.", crate::audit::short(&id)))
+            .unwrap_or_default(),
+        if on_sale.is_empty() {
+            "nothing".to_string()
+        } else {
+            on_sale.join("; ")
+        }
+    ))
 }
