@@ -13,6 +13,7 @@ mod heartbeat;
 mod l402;
 mod lnurl_auth;
 mod logs;
+mod nwc;
 mod revert;
 mod run;
 mod setup;
@@ -84,6 +85,8 @@ pub enum Command {
     L402(l402::L402Args),
     /// Log in to a service with LNURL-auth, using this agent's per-domain linking key
     LnurlAuth(lnurl_auth::LnurlAuthArgs),
+    /// Nostr Wallet Connect (NIP-47): connections other apps use to pay through this agent, each with its budget
+    Nwc(nwc::NwcArgs),
 }
 
 /// An error that carries the process exit code (anything else exits 1).
@@ -129,6 +132,7 @@ pub fn main() -> ExitCode {
         Command::Fund(args) => fund::execute(&home, &cli.overrides, args),
         Command::L402(args) => l402::execute(&home, args),
         Command::LnurlAuth(args) => lnurl_auth::execute(&home, &cli.overrides, args),
+        Command::Nwc(args) => nwc::execute(&home, &cli.overrides, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -129,9 +129,17 @@ async fn run_agent(
     );
     // The Nostr presence (card, distress notes, outbox) runs beside the agent and never blocks it.
     let presence = crate::nostr::presence::spawn(home, &config, db.clone(), cancel.clone());
+    // The NIP-47 wallet service answers the NWC connections' requests beside it, through the same money gate.
+    let nwc = wallet.as_ref().and_then(|w| {
+        crate::nostr::nwc::spawn(home, &config, db.clone(), w.clone(), cancel.clone())
+    });
     let options = RunOptions { turns: args.turns };
     let services = Services { wallet };
     let outcome = agent::run_with_services(home, &config, db, services, options, cancel).await;
+    // No NWC request may start a payment once the node is stopping.
+    if let Some(nwc) = nwc {
+        nwc.stop().await;
+    }
     services_cancel.cancel();
     let _ = heartbeat_task.await;
     if let Some(task) = control_task {

@@ -11,6 +11,7 @@ pub mod discover;
 pub mod distress;
 pub mod keys;
 pub mod nip98;
+pub mod nwc;
 pub mod outbox;
 pub mod presence;
 pub mod relays;

@@ -362,6 +362,18 @@ impl Wallet {
     }
 }
 
+/// The payment hash of a BOLT 11 invoice, whatever its network or expiry (for looking a payment up, not paying).
+pub fn payment_hash_of(bolt11: &str) -> Result<String, WalletError> {
+    let text = bolt11.trim();
+    let text = text
+        .strip_prefix("lightning:")
+        .or_else(|| text.strip_prefix("LIGHTNING:"))
+        .unwrap_or(text);
+    let invoice = Bolt11Invoice::from_str(text)
+        .map_err(|e| WalletError::BadRequest(format!("not a BOLT 11 invoice: {e}")))?;
+    Ok(invoice.payment_hash().to_string())
+}
+
 /// Parses a node id for keysend.
 pub(super) fn parse_node_id(text: &str) -> Result<PublicKey, WalletError> {
     PublicKey::from_str(text.trim()).map_err(|_| {
