@@ -18,6 +18,10 @@ pub struct ExecArgs {
     #[arg(long, value_name = "KIND")]
     provider: Option<String>,
 
+    /// Run on this rented LNVPS VM (over SSH, its host key pinned from LNVPS; see `automaton vps list`)
+    #[arg(long, value_name = "ID", conflicts_with = "provider")]
+    vps: Option<u64>,
+
     /// Seconds before the command is killed [default: compute.exec_timeout_secs]
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
@@ -79,7 +83,18 @@ pub fn execute(home: &Home, overrides: &[Override], args: ExecArgs) -> anyhow::R
         .enable_all()
         .build()?;
     let (out, provider, workdir) = runtime.block_on(async {
-        let compute = compute::provider_from_config(home, &config)?;
+        let compute: std::sync::Arc<dyn compute::ComputeProvider> = match args.vps {
+            Some(id) => {
+                let db = crate::state::Db::open(&home.db_path())?;
+                let client = compute::lnvps::LnvpsClient::for_home(home, &config)?;
+                let manager = compute::lnvps::VmManager::new(home, db, client);
+                if manager.get(id).await?.is_none() {
+                    anyhow::bail!("VM {id} is not one this agent rents (see `automaton vps list`)");
+                }
+                std::sync::Arc::new(manager.compute(id).await?)
+            }
+            None => compute::provider_from_config(home, &config)?,
+        };
         let out = compute.exec(request).await?;
         Ok::<_, anyhow::Error>((out, compute.kind(), compute.workdir().display().to_string()))
     })?;

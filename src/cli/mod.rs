@@ -19,6 +19,7 @@ mod run;
 mod setup;
 mod skills;
 mod status;
+mod vps;
 mod wallet;
 
 use std::io::IsTerminal;
@@ -83,6 +84,8 @@ pub enum Command {
     Fund(fund::FundArgs),
     /// Buy HTTP calls over Lightning (L402): fetch a paid URL, list cached credentials
     L402(l402::L402Args),
+    /// Rent VPSes at LNVPS, paid over Lightning: templates, images, create, list, show, renew, stop, start, destroy
+    Vps(vps::VpsArgs),
     /// Log in to a service with LNURL-auth, using this agent's per-domain linking key
     LnurlAuth(lnurl_auth::LnurlAuthArgs),
     /// Nostr Wallet Connect (NIP-47): connections other apps use to pay through this agent, each with its budget
@@ -131,6 +134,7 @@ pub fn main() -> ExitCode {
         Command::Wallet(args) => wallet::execute(&home, args),
         Command::Fund(args) => fund::execute(&home, &cli.overrides, args),
         Command::L402(args) => l402::execute(&home, args),
+        Command::Vps(args) => vps::execute(&home, &cli.overrides, args),
         Command::LnurlAuth(args) => lnurl_auth::execute(&home, &cli.overrides, args),
         Command::Nwc(args) => nwc::execute(&home, &cli.overrides, args),
     };
@@ -145,6 +149,22 @@ pub fn main() -> ExitCode {
 }
 
 /// Tracing for the short-lived commands: warnings and errors on stderr, `RUST_LOG` to see more.
+/// A spinner on stderr for a long operation; on a non-terminal each new message is printed as a line instead.
+pub(crate) fn spinner(message: &str) -> indicatif::ProgressBar {
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar.set_message(message.to_string());
+        bar
+    } else {
+        eprintln!("{message}");
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
+        bar.set_style(indicatif::ProgressStyle::with_template("{msg}").expect("a valid template"));
+        bar
+    }
+}
+
 pub(crate) fn init_stderr_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

@@ -6,6 +6,7 @@
 
 mod capture;
 pub mod conway;
+pub mod lnvps;
 pub mod local;
 pub mod ssh;
 

@@ -216,6 +216,36 @@ pub struct ComputeConfig {
     /// `provider: conway`: a Conway Cloud sandbox.
     #[serde(skip_serializing_if = "ConwayConfig::is_default")]
     pub conway: ConwayConfig,
+    /// LNVPS: VPSes the agent rents and pays for over Lightning (`automaton vps`, `exec --vps`).
+    #[serde(skip_serializing_if = "LnvpsConfig::is_default")]
+    pub lnvps: LnvpsConfig,
+}
+
+/// LNVPS (`compute.lnvps`): where its API is, and when rented VMs are renewed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LnvpsConfig {
+    pub api_url: String,
+    /// Renew a VM this long before it expires (the heartbeat's `renew_vps` task).
+    pub renew_lead_secs: u64,
+    /// Renew automatically while the survival tier allows it (not in critical or dead).
+    pub auto_renew: bool,
+}
+
+impl Default for LnvpsConfig {
+    fn default() -> Self {
+        LnvpsConfig {
+            api_url: "https://api.lnvps.net".to_string(),
+            renew_lead_secs: 86_400,
+            auto_renew: true,
+        }
+    }
+}
+
+impl LnvpsConfig {
+    pub fn is_default(&self) -> bool {
+        self == &LnvpsConfig::default()
+    }
 }
 
 impl Default for ComputeConfig {
@@ -227,6 +257,7 @@ impl Default for ComputeConfig {
             output_cap_bytes: 16384,
             ssh: SshConfig::default(),
             conway: ConwayConfig::default(),
+            lnvps: LnvpsConfig::default(),
         }
     }
 }
@@ -926,6 +957,10 @@ impl Config {
                 validate_http_url(&self.compute.conway.api_url),
             );
         }
+        check(
+            "compute.lnvps.api_url",
+            validate_http_url(&self.compute.lnvps.api_url),
+        );
         if let Some(var) = &self.compute.conway.api_key_env {
             check("compute.conway.api_key_env", validate_env_var_name(var));
         }

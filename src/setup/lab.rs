@@ -18,6 +18,8 @@ struct LabJson {
     conway_url: Option<String>,
     conway_api_key: Option<String>,
     l402_model_url: Option<String>,
+    /// The lab's LNVPS double.
+    lnvps_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,8 +113,15 @@ fn lab_layer(lab: LabJson) -> Value {
         conway.insert("api_key_env".into(), Value::Null);
         conway.insert("api_key_file".into(), json!(CONWAY_KEY_FILE));
     }
+    let mut compute = Map::new();
     if !conway.is_empty() {
-        root.insert("compute".into(), json!({ "conway": conway }));
+        compute.insert("conway".into(), Value::Object(conway));
+    }
+    if let Some(url) = lab.lnvps_url {
+        compute.insert("lnvps".into(), json!({ "api_url": url }));
+    }
+    if !compute.is_empty() {
+        root.insert("compute".into(), Value::Object(compute));
     }
     if let Some(url) = lab.model_url {
         // The lab's free model needs no key; clearing any key setting keeps a stale one from being sent there.

@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_lnurl_l402_client.sql"),
     include_str!("migrations/0006_l402_seller.sql"),
     include_str!("migrations/0007_nwc.sql"),
+    include_str!("migrations/0008_lnvps.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -1,0 +1,331 @@
+//! `automaton vps …`: rent VPSes at LNVPS, paid over Lightning by the running agent (through its budget gate), and
+//! look after them. Listings work while the agent is stopped; anything that pays needs it running.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use super::ExitError;
+use crate::compute::lnvps::{self, LnvpsClient, RentPayer, RentRequest, RentedVm, VmManager};
+use crate::config::{env_overrides, Config, ConfigError, Override};
+use crate::control::Client;
+use crate::home::Home;
+use crate::state::Db;
+
+/// How long a paying command waits for the running agent (its node started and connected to the LSP).
+const AGENT_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Args)]
+pub struct VpsArgs {
+    #[command(subcommand)]
+    command: VpsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum VpsCommand {
+    /// VM sizes and prices (in sats per renewal, at the server's exchange rate)
+    Templates(JsonFlag),
+    /// Operating system images
+    Images(JsonFlag),
+    /// Rent a VM: create it, pay its first period over Lightning, wait until it runs and answers over SSH
+    Create(CreateArgs),
+    /// The VMs this agent rents: id, state, ip, expires
+    List(JsonFlag),
+    /// One VM as LNVPS reports it now
+    Show(IdArgs),
+    /// Pay for one more period of a VM
+    Renew(IdArgs),
+    /// Stop a VM (it keeps its expiry)
+    Stop(IdArgs),
+    /// Start a stopped VM
+    Start(IdArgs),
+    /// Let a VM go: auto-renewal off, stopped, forgotten here (it lapses at expiry; the API has no delete)
+    Destroy(IdArgs),
+}
+
+#[derive(Debug, Args)]
+struct JsonFlag {
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct IdArgs {
+    /// The VM id
+    id: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// Template id [default: the cheapest in sats]
+    #[arg(long)]
+    template: Option<u64>,
+    /// Image id [default: Debian, else Ubuntu]
+    #[arg(long)]
+    image: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Pays through the running agent's control socket, so the budget gate and receipts are the agent's.
+struct ControlPayer {
+    home: Home,
+    /// The exit code of a refused or failed payment (2 refused by policy, 3 failed), for the command's own.
+    code: Mutex<Option<u8>>,
+}
+
+#[async_trait::async_trait]
+impl RentPayer for ControlPayer {
+    async fn pay(&self, bolt11: &str, purpose: &str) -> Result<String, String> {
+        let (home, params) = (
+            self.home.clone(),
+            json!({"bolt11": bolt11, "purpose": purpose}),
+        );
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut client = Client::connect(&home, AGENT_WAIT)?;
+            client.request("wallet.pay", params)
+        })
+        .await
+        .map_err(|e| format!("payment task failed: {e}"))?;
+        match answer {
+            Ok(paid) => Ok(paid["payment_hash"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()),
+            Err(e) => {
+                *self.code.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.code);
+                Err(e.message)
+            }
+        }
+    }
+}
+
+pub fn execute(home: &Home, overrides: &[Override], args: VpsArgs) -> anyhow::Result<()> {
+    super::init_stderr_tracing();
+    let config = match Config::load_with(home, &env_overrides(), overrides) {
+        Ok(config) => config,
+        Err(ConfigError::NotFound { .. }) => return Err(super::not_set_up(home)),
+        Err(err) => return Err(err.into()),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(home, &config, args))
+}
+
+async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> {
+    let client = LnvpsClient::for_home(home, config)?;
+    let manager = || -> anyhow::Result<VmManager> {
+        let db = Db::open(&home.db_path())?;
+        Ok(VmManager::new(
+            home,
+            db,
+            LnvpsClient::for_home(home, config)?,
+        ))
+    };
+    match args.command {
+        VpsCommand::Templates(a) => {
+            let templates = client.templates().await?;
+            let mut rows = Vec::new();
+            for t in &templates {
+                let sats = lnvps::price_sats(&client, &t.cost_plan).await?;
+                rows.push(json!({
+                    "id": t.id, "name": t.name, "cpu": t.cpu, "memory": t.memory, "disk_size": t.disk_size,
+                    "region": t.region.name, "currency": t.cost_plan.currency, "amount": t.cost_plan.amount,
+                    "interval": format!("{} {}", t.cost_plan.interval_amount, t.cost_plan.interval_type),
+                    "price_sats": sats,
+                }));
+            }
+            print(a.json, &Value::Array(rows), |v| {
+                format!(
+                    "{:>4}  {:<16} {} cpu  {:>5} MiB  {:>6} GiB  {:>8} sats / {}  ({})",
+                    v["id"],
+                    v["name"].as_str().unwrap_or_default(),
+                    v["cpu"],
+                    v["memory"].as_u64().unwrap_or(0) >> 20,
+                    v["disk_size"].as_u64().unwrap_or(0) >> 30,
+                    v["price_sats"]
+                        .as_u64()
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "?".into()),
+                    v["interval"].as_str().unwrap_or_default(),
+                    v["region"].as_str().unwrap_or_default()
+                )
+            })
+        }
+        VpsCommand::Images(a) => {
+            let images = serde_json::to_value(client.images().await?)?;
+            print(a.json, &images, |v| {
+                format!(
+                    "{:>4}  {} {} {}  (user {})",
+                    v["id"],
+                    v["distribution"].as_str().unwrap_or_default(),
+                    v["version"].as_str().unwrap_or_default(),
+                    v["flavour"].as_str().unwrap_or_default(),
+                    v["default_username"].as_str().unwrap_or_default()
+                )
+            })
+        }
+        VpsCommand::Create(a) => {
+            let manager = manager()?;
+            let payer = ControlPayer {
+                home: home.clone(),
+                code: Mutex::new(None),
+            };
+            let spinner = super::spinner("renting a VM");
+            let progress = {
+                let spinner = spinner.clone();
+                move |step: &str| spinner.set_message(step.to_string())
+            };
+            let request = RentRequest {
+                template_id: a.template,
+                image_id: a.image,
+            };
+            let rented = manager.rent(&request, &payer, &progress).await;
+            spinner.finish_and_clear();
+            let vm = rented.map_err(|e| {
+                let code = payer
+                    .code
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or(1);
+                anyhow::Error::from(ExitError {
+                    code,
+                    message: e.to_string(),
+                })
+            })?;
+            print_vm(a.json, &vm)
+        }
+        VpsCommand::List(a) => {
+            let manager = manager()?;
+            let vms = match manager.list(true).await {
+                Ok(vms) => vms,
+                Err(e) => {
+                    eprintln!("LNVPS did not answer ({e}); showing what was last seen");
+                    manager.list(false).await?
+                }
+            };
+            let value = serde_json::to_value(&vms)?;
+            if !a.json && vms.is_empty() {
+                eprintln!("no VMs rented");
+                return Ok(());
+            }
+            print(a.json, &value, |v| {
+                format!(
+                    "{:>6}  {:<9} {:<15} expires {}  {} / {}",
+                    v["id"],
+                    v["state"].as_str().unwrap_or_default(),
+                    v["ip"].as_str().unwrap_or("-"),
+                    v["expires"].as_str().unwrap_or("never paid"),
+                    v["template"].as_str().unwrap_or_default(),
+                    v["image"].as_str().unwrap_or_default()
+                )
+            })
+        }
+        VpsCommand::Show(a) => {
+            let vm = serde_json::to_value(client.vm(a.id).await?)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&vm)?);
+            } else {
+                println!(
+                    "VM {}: {}, ip {}, expires {}, auto-renewal {}",
+                    a.id,
+                    vm["status"]["state"].as_str().unwrap_or("unknown"),
+                    vm["ip_assignments"][0]["ip"].as_str().unwrap_or("-"),
+                    vm["expires"].as_str().unwrap_or("never paid"),
+                    if vm["auto_renewal_enabled"] == true {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                );
+            }
+            Ok(())
+        }
+        VpsCommand::Renew(a) => {
+            let manager = manager()?;
+            let payer = ControlPayer {
+                home: home.clone(),
+                code: Mutex::new(None),
+            };
+            let spinner = super::spinner("renewing");
+            let progress = {
+                let spinner = spinner.clone();
+                move |step: &str| spinner.set_message(step.to_string())
+            };
+            let paid = manager.pay_renewal(a.id, &payer, &progress).await;
+            spinner.finish_and_clear();
+            paid.map_err(|e| {
+                let code = payer
+                    .code
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or(1);
+                anyhow::Error::from(ExitError {
+                    code,
+                    message: e.to_string(),
+                })
+            })?;
+            let vm = manager.client().vm(a.id).await?;
+            let value = json!({"id": a.id, "expires": vm.expires, "state": vm.status.state});
+            print(a.json, &value, |v| {
+                format!(
+                    "VM {} renewed; expires {}",
+                    v["id"],
+                    v["expires"].as_str().unwrap_or("?")
+                )
+            })
+        }
+        VpsCommand::Stop(a) => power(&client, a, "stop").await,
+        VpsCommand::Start(a) => power(&client, a, "start").await,
+        VpsCommand::Destroy(a) => {
+            manager()?.release(a.id).await?;
+            print(a.json, &json!({"id": a.id, "released": true}), |v| {
+                format!(
+                    "VM {} let go: auto-renewal off, stopped, forgotten here (it lapses at expiry)",
+                    v["id"]
+                )
+            })
+        }
+    }
+}
+
+async fn power(client: &LnvpsClient, a: IdArgs, action: &str) -> anyhow::Result<()> {
+    client.power(a.id, action).await?;
+    print(a.json, &json!({"id": a.id, "action": action}), |v| {
+        format!("VM {}: {} requested", v["id"], action)
+    })
+}
+
+fn print_vm(json: bool, vm: &RentedVm) -> anyhow::Result<()> {
+    let value = serde_json::to_value(vm)?;
+    print(json, &value, |v| {
+        format!(
+            "VM {} is {} at {} (ssh {}@{}), paid until {}",
+            v["id"],
+            v["state"].as_str().unwrap_or_default(),
+            v["ip"].as_str().unwrap_or("-"),
+            v["user"].as_str().unwrap_or_default(),
+            v["ip"].as_str().unwrap_or("-"),
+            v["expires"].as_str().unwrap_or("?")
+        )
+    })
+}
+
+/// `--json`: one document; otherwise one line per element (or the one value).
+fn print(json: bool, value: &Value, line: impl Fn(&Value) -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+        return Ok(());
+    }
+    match value.as_array() {
+        Some(list) => list.iter().for_each(|v| println!("{}", line(v))),
+        None => println!("{}", line(value)),
+    }
+    Ok(())
+}
