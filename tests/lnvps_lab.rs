@@ -129,3 +129,122 @@ async fn an_agent_rents_a_vps_over_lightning_and_works_on_it() {
     assert!(!out.status.success(), "a VM let go is not used");
     running.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_rents_with_its_tool_and_the_heartbeat_renews_before_expiry() {
+    let world = world::shared();
+    let agent = LabAgent::set_up(world, "tenant", &[]);
+    // Funded first, then one turn in which the scripted model calls rent_vps (its creator adds the purpose).
+    let running = agent.start();
+    agent.wait_ready();
+    agent.fund(world, 60_000).await;
+    // Renting is off in critical: the funded agent's tier must have left it.
+    assert!(
+        common::lab_agent::eventually(Duration::from_secs(30), || {
+            agent.json(&["status", "--json"])["tier"] != "critical"
+        }),
+        "still critical after funding:\n{}",
+        agent.logs()
+    );
+    running.stop();
+    let prompt = agent.home().join("genesis/prompt.md");
+    let purpose = std::fs::read_to_string(&prompt).unwrap();
+    std::fs::write(
+        &prompt,
+        format!("{purpose}\nYou need a machine of your own.\nlab-scenario: rent\n"),
+    )
+    .unwrap();
+    let out = agent.run(&["run", "--turns", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls = agent.json(&["logs", "--json", "--limit", "5"]);
+    let rent_call = calls
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["tool_calls"].as_array().cloned().unwrap_or_default())
+        .find(|c| c["name"] == "rent_vps")
+        .expect("the model called rent_vps");
+    assert_eq!(
+        rent_call["is_error"],
+        false,
+        "{rent_call}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let list = agent.json(&["vps", "list", "--json"]);
+    let vm = list
+        .as_array()
+        .unwrap()
+        .first()
+        .expect("a rented VM")
+        .clone();
+    assert_eq!(vm["state"], "running", "{vm}");
+    let id = vm["id"].as_u64().unwrap();
+    let first_expiry = vm["expires"].as_str().unwrap().to_string();
+    let paid: Vec<_> = agent
+        .receipts()
+        .into_iter()
+        .filter(|r| r["purpose"] == "compute.rent" && r["status"] == "succeeded")
+        .collect();
+    assert_eq!(paid.len(), 1, "{paid:?}");
+
+    // A lab month is minutes long, so the VM is inside the renewal lead (a day): the heartbeat's task renews it,
+    // paying through the running agent.
+    let running = agent.start();
+    agent.wait_ready();
+    let out = agent.run(&["heartbeat", "run", "renew_vps"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let list = agent.json(&["vps", "list", "--json"]);
+    let renewed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == id)
+        .unwrap()
+        .clone();
+    let parse = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
+    assert!(
+        parse(renewed["expires"].as_str().unwrap()) > parse(&first_expiry),
+        "{first_expiry} -> {renewed}"
+    );
+    let paid = agent
+        .receipts()
+        .into_iter()
+        .filter(|r| r["purpose"] == "compute.rent" && r["status"] == "succeeded")
+        .count();
+    assert_eq!(paid, 2);
+
+    // In critical the task lets the VM go instead of paying.
+    let db = automaton::state::Db::open(&agent.home().join("state.db")).unwrap();
+    running.stop();
+    db.call_blocking(|c| {
+        c.execute(
+            "INSERT INTO kv (key, value, updated_at) VALUES (?1, 'critical', '2026-01-01T00:00:00Z') \
+             ON CONFLICT(key) DO UPDATE SET value = 'critical'",
+            [automaton::money::tiers::TIER_KEY],
+        )
+    })
+    .unwrap();
+    let out = agent.run(&["heartbeat", "run", "renew_vps", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("let go"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let list = agent.json(&["vps", "list", "--json"]);
+    assert!(list.as_array().unwrap().is_empty(), "{list}");
+}

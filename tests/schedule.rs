@@ -461,7 +461,15 @@ async fn heartbeat_commands_change_the_schedule_and_every_change_can_be_reverted
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["status_refresh", "daily_review", "publish_card"]);
+    assert_eq!(
+        names,
+        [
+            "status_refresh",
+            "daily_review",
+            "publish_card",
+            "renew_vps"
+        ]
+    );
     for e in listed.as_array().unwrap() {
         for key in ["name", "schedule", "task", "enabled", "next_run"] {
             assert!(e.get(key).is_some(), "{key} missing: {e}");

@@ -1,21 +1,14 @@
 //! `automaton vps …`: rent VPSes at LNVPS, paid over Lightning by the running agent (through its budget gate), and
 //! look after them. Listings work while the agent is stopped; anything that pays needs it running.
 
-use std::sync::Mutex;
-use std::time::Duration;
-
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use super::ExitError;
-use crate::compute::lnvps::{self, LnvpsClient, RentPayer, RentRequest, RentedVm, VmManager};
+use crate::compute::lnvps::{self, LnvpsClient, RentRequest, RentedVm, SocketPayer, VmManager};
 use crate::config::{env_overrides, Config, ConfigError, Override};
-use crate::control::Client;
 use crate::home::Home;
 use crate::state::Db;
-
-/// How long a paying command waits for the running agent (its node started and connected to the LSP).
-const AGENT_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Args)]
 pub struct VpsArgs {
@@ -61,47 +54,17 @@ struct IdArgs {
 
 #[derive(Debug, Args)]
 struct CreateArgs {
-    /// Template id [default: the cheapest in sats]
+    /// Template id or name [default: the cheapest in sats]
     #[arg(long)]
-    template: Option<u64>,
-    /// Image id [default: Debian, else Ubuntu]
+    template: Option<String>,
+    /// Image id or distribution [default: debian, else ubuntu]
     #[arg(long)]
-    image: Option<u64>,
+    image: Option<String>,
+    /// Billing periods to pay for at once
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=120))]
+    periods: u32,
     #[arg(long)]
     json: bool,
-}
-
-/// Pays through the running agent's control socket, so the budget gate and receipts are the agent's.
-struct ControlPayer {
-    home: Home,
-    /// The exit code of a refused or failed payment (2 refused by policy, 3 failed), for the command's own.
-    code: Mutex<Option<u8>>,
-}
-
-#[async_trait::async_trait]
-impl RentPayer for ControlPayer {
-    async fn pay(&self, bolt11: &str, purpose: &str) -> Result<String, String> {
-        let (home, params) = (
-            self.home.clone(),
-            json!({"bolt11": bolt11, "purpose": purpose}),
-        );
-        let answer = tokio::task::spawn_blocking(move || {
-            let mut client = Client::connect(&home, AGENT_WAIT)?;
-            client.request("wallet.pay", params)
-        })
-        .await
-        .map_err(|e| format!("payment task failed: {e}"))?;
-        match answer {
-            Ok(paid) => Ok(paid["payment_hash"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string()),
-            Err(e) => {
-                *self.code.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.code);
-                Err(e.message)
-            }
-        }
-    }
 }
 
 pub fn execute(home: &Home, overrides: &[Override], args: VpsArgs) -> anyhow::Result<()> {
@@ -173,27 +136,21 @@ async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> 
         }
         VpsCommand::Create(a) => {
             let manager = manager()?;
-            let payer = ControlPayer {
-                home: home.clone(),
-                code: Mutex::new(None),
-            };
+            let payer = SocketPayer::new(home);
             let spinner = super::spinner("renting a VM");
             let progress = {
                 let spinner = spinner.clone();
                 move |step: &str| spinner.set_message(step.to_string())
             };
             let request = RentRequest {
-                template_id: a.template,
-                image_id: a.image,
+                template: a.template,
+                image: a.image,
+                intervals: a.periods,
             };
             let rented = manager.rent(&request, &payer, &progress).await;
             spinner.finish_and_clear();
             let vm = rented.map_err(|e| {
-                let code = payer
-                    .code
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unwrap_or(1);
+                let code = payer.failure_code().unwrap_or(1);
                 anyhow::Error::from(ExitError {
                     code,
                     message: e.to_string(),
@@ -249,23 +206,16 @@ async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> 
         }
         VpsCommand::Renew(a) => {
             let manager = manager()?;
-            let payer = ControlPayer {
-                home: home.clone(),
-                code: Mutex::new(None),
-            };
+            let payer = SocketPayer::new(home);
             let spinner = super::spinner("renewing");
             let progress = {
                 let spinner = spinner.clone();
                 move |step: &str| spinner.set_message(step.to_string())
             };
-            let paid = manager.pay_renewal(a.id, &payer, &progress).await;
+            let paid = manager.pay_renewal(a.id, 1, &payer, &progress).await;
             spinner.finish_and_clear();
             paid.map_err(|e| {
-                let code = payer
-                    .code
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unwrap_or(1);
+                let code = payer.failure_code().unwrap_or(1);
                 anyhow::Error::from(ExitError {
                     code,
                     message: e.to_string(),

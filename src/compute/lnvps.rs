@@ -461,6 +461,113 @@ pub trait RentPayer: Send + Sync {
     async fn pay(&self, bolt11: &str, purpose: &str) -> Result<String, String>;
 }
 
+/// Pays through the running agent's control socket (the same budget gate and receipts as every payment): for the
+/// CLI, and for heartbeat tasks, which run inside the agent but hold no wallet handle.
+pub struct SocketPayer {
+    home: Home,
+    /// The exit code of a refused (2) or failed (3) payment, for a command to exit with.
+    code: std::sync::Mutex<Option<u8>>,
+}
+
+impl SocketPayer {
+    pub fn new(home: &Home) -> SocketPayer {
+        SocketPayer {
+            home: home.clone(),
+            code: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The control socket's exit code for the last refused or failed payment.
+    pub fn failure_code(&self) -> Option<u8> {
+        *self.code.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait::async_trait]
+impl RentPayer for SocketPayer {
+    async fn pay(&self, bolt11: &str, purpose: &str) -> Result<String, String> {
+        let home = self.home.clone();
+        let params = serde_json::json!({"bolt11": bolt11, "purpose": purpose});
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut client = crate::control::Client::connect(&home, Duration::from_secs(60))?;
+            client.request("wallet.pay", params)
+        })
+        .await
+        .map_err(|e| format!("payment task failed: {e}"))?;
+        match answer {
+            Ok(paid) => Ok(paid["payment_hash"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()),
+            Err(e) => {
+                *self.code.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.code);
+                Err(e.message)
+            }
+        }
+    }
+}
+
+/// Pays with the agent's own wallet handle (its tools), through the budget gate.
+pub struct WalletPayer<'a>(pub &'a crate::wallet::Wallet);
+
+#[async_trait::async_trait]
+impl RentPayer for WalletPayer<'_> {
+    async fn pay(&self, bolt11: &str, purpose: &str) -> Result<String, String> {
+        crate::wallet::spend::pay_invoice(
+            self.0,
+            bolt11,
+            None,
+            None,
+            purpose,
+            crate::wallet::spend::ApprovalWait(None),
+        )
+        .await
+        .map(|paid| paid.payment_hash)
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Renews every rented VM that expires within `compute.lnvps.renew_lead_secs`, unless the survival tier says the
+/// agent cannot afford it (critical, dead): those VMs are let go cleanly instead of half-paid. Used by the
+/// heartbeat task `renew_vps`; returns one line per VM.
+pub async fn renew_due(
+    home: &Home,
+    db: &Db,
+    config: &crate::config::Config,
+    payer: &dyn RentPayer,
+) -> Result<Vec<String>, ComputeError> {
+    let manager = VmManager::new(home, db.clone(), LnvpsClient::for_home(home, config)?);
+    let due = manager
+        .due(Duration::from_secs(config.compute.lnvps.renew_lead_secs))
+        .await?;
+    let tier = crate::money::tiers::load_tier(db)
+        .await
+        .unwrap_or(crate::money::tiers::SurvivalTier::Normal);
+    let afford = config.compute.lnvps.auto_renew
+        && !matches!(
+            tier,
+            crate::money::tiers::SurvivalTier::Critical | crate::money::tiers::SurvivalTier::Dead
+        );
+    let mut lines = Vec::new();
+    for vm in due {
+        if !afford {
+            manager.release(vm.id).await?;
+            lines.push(format!(
+                "VM {} let go (tier {}, auto_renew {})",
+                vm.id,
+                tier.as_str(),
+                config.compute.lnvps.auto_renew
+            ));
+            continue;
+        }
+        match manager.pay_renewal(vm.id, 1, payer, &|_| {}).await {
+            Ok(p) => lines.push(format!("VM {} renewed (+{} s)", vm.id, p.time)),
+            Err(e) => lines.push(format!("VM {} not renewed: {e}", vm.id)),
+        }
+    }
+    Ok(lines)
+}
+
 /// A VM this agent rented, as remembered in the state DB.
 #[derive(Clone, Debug, Serialize)]
 pub struct RentedVm {
@@ -478,8 +585,12 @@ pub struct RentedVm {
 /// What a rent should pick; `None` = the cheapest template and a Debian (else Ubuntu) image.
 #[derive(Clone, Debug, Default)]
 pub struct RentRequest {
-    pub template_id: Option<u64>,
-    pub image_id: Option<u64>,
+    /// A template id or name.
+    pub template: Option<String>,
+    /// An image id or distribution name (`debian`, `ubuntu`, …).
+    pub image: Option<String>,
+    /// Billing intervals to pay for at once (0 = 1).
+    pub intervals: u32,
 }
 
 /// Rents, renews and lets go of VMs for one agent home.
@@ -546,12 +657,16 @@ impl VmManager {
     ) -> Result<RentedVm, ComputeError> {
         progress("reading templates and images");
         let templates = self.client.templates().await?;
-        let (template, price) = match request.template_id {
-            Some(id) => {
+        let (template, price) = match &request.template {
+            Some(wanted) => {
                 let t = templates
                     .into_iter()
-                    .find(|t| t.id == id)
-                    .ok_or_else(|| remote(format!("no template {id}")))?;
+                    .find(|t| t.id.to_string() == *wanted || t.name.eq_ignore_ascii_case(wanted))
+                    .ok_or_else(|| {
+                        remote(format!(
+                            "no template {wanted} (see `automaton vps templates`)"
+                        ))
+                    })?;
                 let price = price_sats(&self.client, &t.cost_plan).await?;
                 (t, price)
             }
@@ -570,8 +685,10 @@ impl VmManager {
             }
         };
         let images = self.client.images().await?;
-        let image = match request.image_id {
-            Some(id) => images.into_iter().find(|i| i.id == id),
+        let image = match &request.image {
+            Some(wanted) => images.into_iter().find(|i| {
+                i.id.to_string() == *wanted || i.distribution.eq_ignore_ascii_case(wanted)
+            }),
             None => ["debian", "ubuntu"].iter().find_map(|d| {
                 images
                     .iter()
@@ -603,14 +720,17 @@ impl VmManager {
             created_at: crate::state::now_rfc3339(),
         };
         self.remember(&record).await?;
-        self.pay_renewal(vm.id, payer, progress).await?;
+        self.pay_renewal(vm.id, request.intervals, payer, progress)
+            .await?;
         self.wait_running(vm.id, progress).await
     }
 
-    /// Pays one renewal of VM `id` (a stored unpaid invoice first, so an interrupted renewal pays the same one).
+    /// Pays `intervals` billing intervals of VM `id` (0 = 1); a stored unpaid invoice is paid first, so an
+    /// interrupted renewal pays the same one.
     pub async fn pay_renewal(
         &self,
         id: u64,
+        intervals: u32,
         payer: &dyn RentPayer,
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Payment, ComputeError> {
@@ -630,9 +750,9 @@ impl VmManager {
         let mut payment = match pending {
             Some(pid) => match self.client.payment(&pid).await {
                 Ok(p) if !p.is_paid && !invoice_expired(&p) => p,
-                _ => self.client.renew(id, 1).await?,
+                _ => self.client.renew(id, intervals.max(1)).await?,
             },
-            None => self.client.renew(id, 1).await?,
+            None => self.client.renew(id, intervals.max(1)).await?,
         };
         let bolt11 = payment
             .bolt11()
@@ -855,6 +975,10 @@ impl VmManager {
 
     /// VMs that expire within `lead` and are not let go: the renewal task pays for these.
     pub async fn due(&self, lead: Duration) -> Result<Vec<RentedVm>, ComputeError> {
+        // No VM rented: nothing to ask LNVPS about.
+        if self.list(false).await?.is_empty() {
+            return Ok(Vec::new());
+        }
         let horizon = chrono::Utc::now() + chrono::Duration::from_std(lead).unwrap_or_default();
         Ok(self
             .list(true)

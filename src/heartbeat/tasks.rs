@@ -82,6 +82,7 @@ impl TaskRegistry {
         registry.register(Arc::new(WakeAgent));
         registry.register(Arc::new(crate::nostr::tasks::PublishCard));
         registry.register(Arc::new(crate::nostr::tasks::FlushOutbox));
+        registry.register(Arc::new(RenewVps));
         registry
     }
 
@@ -214,6 +215,51 @@ impl HeartbeatTask for WakeAgent {
         Ok(TaskReport {
             summary: "woke the agent".into(),
             wake: Some(reason),
+        })
+    }
+}
+
+/// Renews rented LNVPS VMs before they expire (`compute.lnvps.renew_lead_secs`), paying through the running
+/// agent's budget gate; in `critical` or `dead` it lets them go instead.
+pub struct RenewVps;
+
+#[async_trait]
+impl HeartbeatTask for RenewVps {
+    fn name(&self) -> &'static str {
+        "renew_vps"
+    }
+
+    fn description(&self) -> &'static str {
+        "renew rented LNVPS VMs that expire within compute.lnvps.renew_lead_secs (let them go in critical/dead)"
+    }
+
+    async fn run(
+        &self,
+        ctx: &TaskContext,
+        _params: &Map<String, Value>,
+    ) -> Result<TaskReport, TaskError> {
+        let config =
+            crate::config::Config::load(&ctx.home).map_err(|e| TaskError::Failed(e.to_string()))?;
+        let payer = crate::compute::lnvps::SocketPayer::new(&ctx.home);
+        let lines = crate::compute::lnvps::renew_due(&ctx.home, &ctx.db, &config, &payer)
+            .await
+            .map_err(|e| TaskError::Failed(e.to_string()))?;
+        let failed = lines.iter().any(|l| l.contains("not renewed"));
+        let summary = if lines.is_empty() {
+            "no VM is due for renewal".to_string()
+        } else {
+            lines.join("; ")
+        };
+        if failed {
+            // A failed renewal is worth the agent's attention while there is still time before expiry.
+            return Ok(TaskReport {
+                wake: Some(format!("VPS renewal problem: {summary}")),
+                summary,
+            });
+        }
+        Ok(TaskReport {
+            summary,
+            wake: None,
         })
     }
 }

@@ -258,6 +258,7 @@ impl Registry {
             for tool in handlers::wallet::tools()
                 .into_iter()
                 .chain(handlers::l402::tools())
+                .chain(handlers::vps::tools())
             {
                 registry.register(tool)?;
             }

@@ -535,6 +535,17 @@ impl Wallet {
         if let Err(error) = self.update_tier().await {
             tracing::warn!(%error, "could not update the survival tier");
         }
+        // The channel's capacities settle a moment after the event (the commitment update follows the claim):
+        // look again shortly, so the tier does not wait for the next upkeep tick.
+        let wallet = self.clone();
+        tokio::spawn(async move {
+            for delay in [1, 3] {
+                tokio::time::sleep(std::time::Duration::from_secs(delay)).await;
+                if let Err(error) = wallet.update_tier().await {
+                    tracing::debug!(%error, "could not update the survival tier");
+                }
+            }
+        });
     }
 }
 

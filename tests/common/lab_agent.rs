@@ -18,6 +18,21 @@ pub struct LabAgent {
 impl LabAgent {
     /// A new agent set up against `world`, with extra `setup` flags.
     pub fn set_up(world: &World, name: &str, extra: &[&str]) -> LabAgent {
+        LabAgent::set_up_with_genesis(
+            world,
+            name,
+            "You are a test agent. Keep notes, spend nothing.",
+            extra,
+        )
+    }
+
+    /// The same, with its own genesis prompt (`lab-scenario:` lines steer the lab's scripted model).
+    pub fn set_up_with_genesis(
+        world: &World,
+        name: &str,
+        genesis: &str,
+        extra: &[&str],
+    ) -> LabAgent {
         let agent = LabAgent {
             dir: tempfile::tempdir().expect("temp dir"),
         };
@@ -30,10 +45,7 @@ impl LabAgent {
             "--lab",
             lab.to_str().unwrap(),
         ];
-        args.extend_from_slice(&[
-            "--genesis-prompt",
-            "You are a test agent. Keep notes, spend nothing.",
-        ]);
+        args.extend_from_slice(&["--genesis-prompt", genesis]);
         args.extend_from_slice(extra);
         let out = agent.run(&args);
         assert!(

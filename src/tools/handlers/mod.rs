@@ -7,6 +7,7 @@ pub mod nostr;
 pub mod schedule;
 mod sleep;
 mod synopsis;
+pub mod vps;
 pub mod wallet;
 
 use std::path::{Path, PathBuf};
