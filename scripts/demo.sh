@@ -86,6 +86,13 @@ if [ -n "$relay" ]; then
   AUTOMATON_HOME="$work/other" $bin/automaton setup --yes --name other-agent --lab "$work/lab/lab.json" >/dev/null
   AUTOMATON_HOME="$work/other" $bin/automaton discover
 fi
+if [ -n "$(jq -r '.lnvps_url // empty' "$work/lab/lab.json")" ]; then
+  echo "==> the agent rents a VPS from the lab's LNVPS, paid over Lightning, and works on it" >&2
+  $bin/automaton vps templates
+  vm=$($bin/automaton vps create --json | jq -r .id)
+  $bin/automaton vps list
+  $bin/automaton exec --vps "$vm" -- 'echo "hello from $(hostname) as $(whoami) in $PWD"'
+fi
 echo "==> its receipts: every sat in and out, signed by its node key" >&2
 $bin/automaton wallet receipts
 $bin/automaton wallet receipts --json --limit 1 | jq '.[0]' >"$work/receipt.json"

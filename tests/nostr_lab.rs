@@ -752,7 +752,11 @@ async fn draining_an_agent_to_critical_sends_exactly_one_distress_note_with_a_pa
         }
     })
     .await;
-    assert!(restarted_card, "the restarted agent republishes its card");
+    assert!(
+        restarted_card,
+        "the restarted agent republishes its card:\n{}",
+        agent.run_log()
+    );
     assert_eq!(distress_notes(world, &pubkey).await.len(), 1);
 
     // The address in the note is payable, and paying it lifts the agent out of critical.

@@ -349,8 +349,8 @@ async fn modify_heartbeat_from_the_agent_loop_changes_what_the_scheduler_runs() 
     let clock = Arc::new(FakeClock::new(t0()));
     let s = scheduler(&home, &clock, TaskRegistry::builtin());
 
-    // Before: the default schedule's status_refresh runs (every 5m).
-    assert_eq!(names(&tick(&s).await), ["status_refresh"]);
+    // Before: the default schedule's interval entries run at once (status_refresh every 5m, renew_vps every 1h).
+    assert_eq!(names(&tick(&s).await), ["renew_vps", "status_refresh"]);
 
     // One turn of the agent loop, with the scripted model changing the schedule.
     let config = load_config(&home);

@@ -133,6 +133,7 @@ fn yes_writes_a_complete_home() {
         "earning-with-a-paid-service",
         "money-and-survival",
         "renting-compute",
+        "summarise-text",
     ] {
         let text =
             std::fs::read_to_string(home.join("skills").join(skill).join("SKILL.md")).unwrap();
@@ -156,6 +157,7 @@ fn yes_writes_a_complete_home() {
             "skills/earning-with-a-paid-service/SKILL.md",
             "skills/money-and-survival/SKILL.md",
             "skills/renting-compute/SKILL.md",
+            "skills/summarise-text/SKILL.md",
         ]
     );
     assert_eq!(

@@ -834,14 +834,31 @@ impl VmManager {
             .ok_or_else(|| remote(format!("VM {id} is not recorded")))
     }
 
-    /// An SSH provider for VM `id` (its host keys pinned from the API).
+    /// An SSH provider for VM `id` (its host keys pinned from the API), in the remote user's home.
     pub async fn compute(&self, id: u64) -> Result<SshCompute, ComputeError> {
+        self.compute_in(id, None).await
+    }
+
+    /// The same, working in `workdir` on the VM.
+    pub async fn compute_in(
+        &self,
+        id: u64,
+        workdir: Option<PathBuf>,
+    ) -> Result<SshCompute, ComputeError> {
         let vm = self.client.vm(id).await?;
         self.update_from(&vm).await?;
-        self.ssh(&vm).await
+        self.ssh_in(&vm, workdir).await
     }
 
     async fn ssh(&self, vm: &VmStatus) -> Result<SshCompute, ComputeError> {
+        self.ssh_in(vm, None).await
+    }
+
+    async fn ssh_in(
+        &self,
+        vm: &VmStatus,
+        workdir: Option<PathBuf>,
+    ) -> Result<SshCompute, ComputeError> {
         let ip = vm
             .ip()
             .ok_or_else(|| remote(format!("VM {} has no IP address yet", vm.id)))?;
@@ -859,7 +876,11 @@ impl VmManager {
             key_path: self.key_path(),
             known_hosts: self.known_hosts(),
         };
-        SshCompute::connect(target, &vm.host_key_lines(), SshOptions::default()).await
+        let options = SshOptions {
+            workdir,
+            ..SshOptions::default()
+        };
+        SshCompute::connect(target, &vm.host_key_lines(), options).await
     }
 
     async fn remember(&self, vm: &RentedVm) -> Result<(), ComputeError> {
