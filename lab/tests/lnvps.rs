@@ -1327,7 +1327,11 @@ async fn a_paid_vm_is_a_machine_you_can_ssh_into() {
     .await;
     assert_eq!(r.error(), "VM not found");
     wait_dead(sshd_pid, "a deleted VM's sshd").await;
-    assert!(!Path::new(&home).exists());
+    // The machine's directory goes right after its sshd is stopped.
+    poll(Duration::from_secs(10), "the VM's home removed", || async {
+        (!Path::new(&home).exists()).then_some(())
+    })
+    .await;
     let r = c.public(&format!("/.well-known/lnurlp/{vm_id}")).await;
     assert_eq!((r.status, r.text.as_str()), (200, "VM not found"));
     let r = c
