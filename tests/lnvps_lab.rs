@@ -47,6 +47,11 @@ async fn an_agent_rents_a_vps_over_lightning_and_works_on_it() {
         .collect();
     assert_eq!(rent.len(), 1, "{rent:?}");
     assert_eq!(rent[0]["status"], "succeeded");
+    assert_eq!(
+        vm["payments"],
+        serde_json::json!([rent[0]["payment_hash"]]),
+        "the receipt is linked to the VM"
+    );
     let lab_vm = lab_get(world, &format!("/lab/lnvps/vm/{id}")).await;
     assert_eq!(lab_vm["provisioned"], true, "{lab_vm}");
     assert_eq!(lab_vm["ip"], ip.as_str());

@@ -34,8 +34,41 @@ enum VpsCommand {
     Stop(IdArgs),
     /// Start a stopped VM
     Start(IdArgs),
+    /// A fresh OS on a VM (its disk is wiped; its new host key is pinned on the next connection)
+    Reinstall(ReinstallArgs),
+    /// Give a VM more CPU, memory or disk: --quote shows the price; otherwise the difference is paid
+    Upgrade(UpgradeArgs),
     /// Let a VM go: auto-renewal off, stopped, forgotten here (it lapses at expiry; the API has no delete)
     Destroy(IdArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReinstallArgs {
+    /// The VM id
+    id: u64,
+    /// Image id [default: the VM's current image]
+    #[arg(long)]
+    image: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct UpgradeArgs {
+    /// The VM id
+    id: u64,
+    /// CPU cores
+    #[arg(long)]
+    cpu: Option<u64>,
+    /// Memory in MiB
+    #[arg(long, value_name = "MIB")]
+    memory_mib: Option<u64>,
+    /// Disk in GiB
+    #[arg(long, value_name = "GIB")]
+    disk_gib: Option<u64>,
+    /// Only show what it would cost
+    #[arg(long)]
+    quote: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +266,69 @@ async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> 
         }
         VpsCommand::Stop(a) => power(&client, a, "stop").await,
         VpsCommand::Start(a) => power(&client, a, "start").await,
+        VpsCommand::Reinstall(a) => {
+            client.reinstall(a.id, a.image).await?;
+            // The machine gets a new host key: the pinned one is dropped, the next connection pins the new one.
+            if let Some(vm) = manager()?.get(a.id).await? {
+                if let Some(ip) = vm.ip {
+                    let _ = crate::compute::ssh::remove_known_host(
+                        &home.root().join("ssh").join("known_hosts"),
+                        &ip,
+                        22,
+                    );
+                }
+            }
+            println!("VM {}: re-install requested", a.id);
+            Ok(())
+        }
+        VpsCommand::Upgrade(a) => {
+            let mut spec = serde_json::Map::new();
+            if let Some(cpu) = a.cpu {
+                spec.insert("cpu".into(), json!(cpu));
+            }
+            if let Some(mib) = a.memory_mib {
+                spec.insert("memory".into(), json!(mib << 20));
+            }
+            if let Some(gib) = a.disk_gib {
+                spec.insert("disk".into(), json!(gib << 30));
+            }
+            if spec.is_empty() {
+                anyhow::bail!("say what to upgrade: --cpu, --memory-mib and/or --disk-gib");
+            }
+            let spec = Value::Object(spec);
+            if a.quote {
+                let quote = client.upgrade_quote(a.id, &spec).await?;
+                return print(a.json, &quote, |v| {
+                    format!(
+                        "upgrade now: {} {}; each renewal after: {} {}",
+                        v["cost_difference"]["amount"],
+                        v["cost_difference"]["currency"]
+                            .as_str()
+                            .unwrap_or_default(),
+                        v["new_renewal_cost"]["amount"],
+                        v["new_renewal_cost"]["currency"]
+                            .as_str()
+                            .unwrap_or_default()
+                    )
+                });
+            }
+            let payer = SocketPayer::new(home);
+            let paid = manager()?.upgrade(a.id, &spec, &payer).await.map_err(|e| {
+                anyhow::Error::from(ExitError {
+                    code: payer.failure_code().unwrap_or(1),
+                    message: e.to_string(),
+                })
+            })?;
+            let value =
+                json!({"id": a.id, "payment_hash": paid.id, "paid_msat": paid.amount + paid.tax});
+            print(a.json, &value, |v| {
+                format!(
+                    "VM {} upgraded (payment {})",
+                    v["id"],
+                    v["payment_hash"].as_str().unwrap_or_default()
+                )
+            })
+        }
         VpsCommand::Destroy(a) => {
             manager()?.release(a.id).await?;
             print(a.json, &json!({"id": a.id, "released": true}), |v| {

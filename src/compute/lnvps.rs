@@ -416,6 +416,46 @@ impl LnvpsClient {
         .map(|_| ())
     }
 
+    /// A fresh OS on VM `id` (optionally another image): its disk is wiped and its host key changes.
+    pub async fn reinstall(&self, id: u64, image_id: Option<u64>) -> Result<(), ComputeError> {
+        let body = match image_id {
+            Some(image) => serde_json::json!({ "image_id": image }),
+            None => serde_json::json!({}),
+        };
+        self.call(
+            Method::PATCH,
+            &format!("/api/v1/vm/{id}/re-install"),
+            Some(&body),
+            true,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// What an upgrade to `spec` (`{cpu?, memory?, disk?}`, bytes) would cost; creates nothing.
+    pub async fn upgrade_quote(&self, id: u64, spec: &Value) -> Result<Value, ComputeError> {
+        self.call(
+            Method::POST,
+            &format!("/api/v1/vm/{id}/upgrade/quote?method=lightning"),
+            Some(spec),
+            true,
+        )
+        .await
+    }
+
+    /// An invoice for the upgrade to `spec`; applied once paid.
+    pub async fn upgrade(&self, id: u64, spec: &Value) -> Result<Payment, ComputeError> {
+        let value = self
+            .call(
+                Method::POST,
+                &format!("/api/v1/vm/{id}/upgrade?method=lightning"),
+                Some(spec),
+                true,
+            )
+            .await?;
+        decode("upgrade", value)
+    }
+
     pub async fn set_auto_renewal(&self, id: u64, enabled: bool) -> Result<(), ComputeError> {
         let body = serde_json::json!({"auto_renewal_enabled": enabled});
         self.call(
@@ -580,6 +620,8 @@ pub struct RentedVm {
     pub image: String,
     pub price_sats: Option<u64>,
     pub created_at: String,
+    /// Payment hashes paid for it (rent, renewals, upgrades): its `compute.rent` receipts.
+    pub payments: Vec<String>,
 }
 
 /// What a rent should pick; `None` = the cheapest template and a Debian (else Ubuntu) image.
@@ -718,6 +760,7 @@ impl VmManager {
             image: format!("{} {}", image.distribution, image.version),
             price_sats: price,
             created_at: crate::state::now_rfc3339(),
+            payments: Vec::new(),
         };
         self.remember(&record).await?;
         self.pay_renewal(vm.id, request.intervals, payer, progress)
@@ -747,16 +790,13 @@ impl VmManager {
             })
             .await
             .map_err(state_error)?;
-        let mut payment = match pending {
+        let payment = match pending {
             Some(pid) => match self.client.payment(&pid).await {
                 Ok(p) if !p.is_paid && !invoice_expired(&p) => p,
                 _ => self.client.renew(id, intervals.max(1)).await?,
             },
             None => self.client.renew(id, intervals.max(1)).await?,
         };
-        let bolt11 = payment
-            .bolt11()
-            .ok_or_else(|| remote("the renewal has no Lightning invoice".into()))?;
         let pid = payment.id.clone();
         self.db
             .call(move |c| {
@@ -772,21 +812,7 @@ impl VmManager {
             (payment.amount + payment.tax).div_ceil(1000),
             payment.time / 86_400
         ));
-        payer
-            .pay(&bolt11, RENT_PURPOSE)
-            .await
-            .map_err(|e| remote(format!("the renewal of VM {id} was not paid: {e}")))?;
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        while !payment.is_paid {
-            if tokio::time::Instant::now() > deadline {
-                return Err(remote(format!(
-                    "paid, but LNVPS has not seen payment {} yet; `automaton vps renew {id}` resumes",
-                    payment.id
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            payment = self.client.payment(&payment.id).await?;
-        }
+        let payment = self.settle(id, payment, "renew", payer).await?;
         self.db
             .call(move |c| {
                 c.execute(
@@ -798,6 +824,80 @@ impl VmManager {
             .map_err(state_error)?;
         progress(&format!("LNVPS confirmed payment of VM {id}"));
         Ok(payment)
+    }
+
+    /// Upgrades VM `id` to `spec` (`{cpu?, memory?, disk?}`): pays the difference through the gate.
+    pub async fn upgrade(
+        &self,
+        id: u64,
+        spec: &Value,
+        payer: &dyn RentPayer,
+    ) -> Result<Payment, ComputeError> {
+        let payment = self.client.upgrade(id, spec).await?;
+        self.settle(id, payment, "upgrade", payer).await
+    }
+
+    /// Pays `payment`'s invoice (purpose `compute.rent`), links it to VM `id`, and waits until LNVPS sees it.
+    async fn settle(
+        &self,
+        id: u64,
+        mut payment: Payment,
+        kind: &'static str,
+        payer: &dyn RentPayer,
+    ) -> Result<Payment, ComputeError> {
+        let bolt11 = payment.bolt11().ok_or_else(|| {
+            remote(format!(
+                "the {kind} payment of VM {id} has no Lightning invoice"
+            ))
+        })?;
+        if !payment.is_paid {
+            payer
+                .pay(&bolt11, RENT_PURPOSE)
+                .await
+                .map_err(|e| remote(format!("the {kind} payment of VM {id} was not made: {e}")))?;
+        }
+        let (hash, amount, seconds) = (
+            payment.id.clone(),
+            payment.amount + payment.tax,
+            payment.time,
+        );
+        let now = crate::state::now_rfc3339();
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "INSERT OR IGNORE INTO lnvps_payments (payment_hash, vm_id, kind, amount_msat, seconds, paid_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![hash, id as i64, kind, amount as i64, seconds as i64, now],
+                )
+            })
+            .await
+            .map_err(state_error)?;
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        while !payment.is_paid {
+            if tokio::time::Instant::now() > deadline {
+                return Err(remote(format!(
+                    "paid, but LNVPS has not seen payment {} of VM {id} yet; asking again resumes",
+                    payment.id
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            payment = self.client.payment(&payment.id).await?;
+        }
+        Ok(payment)
+    }
+
+    /// The payment hashes paid for VM `id`, oldest first (each is a `compute.rent` receipt of the wallet).
+    pub async fn payments(&self, id: u64) -> Result<Vec<String>, ComputeError> {
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT payment_hash FROM lnvps_payments WHERE vm_id = ?1 ORDER BY paid_at, rowid",
+                )?;
+                let rows = stmt.query_map([id as i64], |r| r.get(0))?;
+                rows.collect()
+            })
+            .await
+            .map_err(state_error)
     }
 
     /// Waits until VM `id` runs with an IP, pins its host keys and checks SSH; records what it learnt.
@@ -943,8 +1043,9 @@ impl VmManager {
         self.db
             .call(|c| {
                 let mut stmt = c.prepare(
-                    "SELECT id, state, ip, user, expires, template, image, price_sats, created_at FROM lnvps_vms \
-                     WHERE released_at IS NULL ORDER BY created_at",
+                    "SELECT id, state, ip, user, expires, template, image, price_sats, created_at, \
+                     (SELECT group_concat(payment_hash) FROM lnvps_payments p WHERE p.vm_id = v.id) \
+                     FROM lnvps_vms v WHERE released_at IS NULL ORDER BY created_at",
                 )?;
                 let rows = stmt.query_map([], row_to_vm)?;
                 rows.collect()
@@ -957,8 +1058,9 @@ impl VmManager {
         self.db
             .call(move |c| {
                 c.query_row(
-                    "SELECT id, state, ip, user, expires, template, image, price_sats, created_at FROM lnvps_vms \
-                     WHERE id = ?1 AND released_at IS NULL",
+                    "SELECT id, state, ip, user, expires, template, image, price_sats, created_at, \
+                     (SELECT group_concat(payment_hash) FROM lnvps_payments p WHERE p.vm_id = v.id) \
+                     FROM lnvps_vms v WHERE id = ?1 AND released_at IS NULL",
                     [id as i64],
                     row_to_vm,
                 )
@@ -1033,6 +1135,10 @@ fn row_to_vm(r: &rusqlite::Row<'_>) -> rusqlite::Result<RentedVm> {
         image: r.get(6)?,
         price_sats: r.get::<_, Option<i64>>(7)?.map(|p| p.max(0) as u64),
         created_at: r.get(8)?,
+        payments: r
+            .get::<_, Option<String>>(9)?
+            .map(|list| list.split(',').map(str::to_string).collect())
+            .unwrap_or_default(),
     })
 }
 

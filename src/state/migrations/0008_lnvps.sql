@@ -13,3 +13,13 @@ CREATE TABLE lnvps_vms (
   created_at TEXT NOT NULL,
   released_at TEXT
 );
+-- Every payment made for a VM (rent, renewal, upgrade): the receipt with this payment hash is the VM's.
+CREATE TABLE lnvps_payments (
+  payment_hash TEXT PRIMARY KEY,
+  vm_id INTEGER NOT NULL,
+  kind TEXT NOT NULL,             -- renew | upgrade
+  amount_msat INTEGER NOT NULL,
+  seconds INTEGER NOT NULL,       -- time added to the VM's expiry
+  paid_at TEXT NOT NULL
+);
+CREATE INDEX lnvps_payments_vm ON lnvps_payments (vm_id);
