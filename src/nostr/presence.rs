@@ -103,6 +103,21 @@ pub fn card_services(config: &Config) -> Vec<CardService> {
 pub fn current_card(config: &Config, conn: &Connection) -> rusqlite::Result<CardContent> {
     let identity = Identity::read(config, conn)?;
     let tier = kv_get(conn, tiers::TIER_KEY)?;
+    // A card replaces the last one only with a later `created_at` (NIP-01: on a tie relays keep the lower id), so
+    // a card made within the same second as the previous one (a restart, a quick status change) goes one later.
+    let last_card_at: Option<u64> = {
+        use rusqlite::OptionalExtension;
+        conn.query_row(
+            "SELECT event_json FROM nostr_outbox WHERE purpose = 'card' ORDER BY rowid DESC LIMIT 1",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
+        .and_then(|event| event["created_at"].as_u64())
+    };
+    let now = Timestamp::now().as_secs();
+    let updated_at = last_card_at.map_or(now, |last| now.max(last + 1));
     Ok(CardContent {
         name: identity.name,
         about: Some(config.nostr.about.clone().unwrap_or_else(|| {
@@ -120,7 +135,7 @@ pub fn current_card(config: &Config, conn: &Connection) -> rusqlite::Result<Card
         web: identity.web,
         services: card_services(config),
         parent: config.nostr.parent.clone(),
-        updated_at: Timestamp::now().as_secs(),
+        updated_at,
     })
 }
 
