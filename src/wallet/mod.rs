@@ -302,8 +302,12 @@ impl Wallet {
             .filter(|p| p.is_connected)
             .map(|p| p.node_id)
             .collect();
+        // A channel holding our money (outbound capacity) counts once it is usable: after a restart, and right
+        // after a JIT open, it may not even report `is_channel_ready` until the peer has re-established it.
         node.list_channels().iter().all(|c| {
-            !c.is_channel_ready || c.is_usable || !connected.contains(&c.counterparty_node_id)
+            c.is_usable
+                || !connected.contains(&c.counterparty_node_id)
+                || (!c.is_channel_ready && c.outbound_capacity_msat == 0)
         })
     }
 
