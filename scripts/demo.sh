@@ -7,9 +7,9 @@ scripts/deps.sh
 # PROFILE=debug reuses a test build (target/debug) instead of building release binaries.
 profile=${PROFILE:-release}
 if [ "$profile" = release ]; then
-  cargo build --release --locked --bin automaton --bin automaton-lab
+  cargo build --release --locked -p automaton -p automaton-lab --bins
 else
-  cargo build --locked --bin automaton --bin automaton-lab
+  cargo build --locked -p automaton -p automaton-lab --bins
 fi
 bin="target/$profile"
 
@@ -115,7 +115,7 @@ model=$(jq -r '.l402_model_url // empty' "$work/lab/lab.json")
 if [ -n "$model" ]; then
   echo "==> 2 more turns thinking on the lab's L402-paid model: each model call is paid over Lightning" >&2
   $bin/automaton -c "inference.base_url=$model" -c inference.auth=l402 run --turns 2
-  $bin/automaton wallet receipts --json --limit 100 | jq -r '[.[] | select(.purpose == "inference")] | "\(length) paid inference calls"'
+  $bin/automaton wallet receipts --json --limit 100 | jq -r '[.[] | select(.purpose // "" | startswith("inference"))] | "\(length) paid inference calls"'
 fi
 echo "==> what it did" >&2
 $bin/automaton logs
