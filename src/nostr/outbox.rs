@@ -268,7 +268,7 @@ pub async fn latest_event(db: &Db, purpose: Purpose) -> Result<Option<Event>, No
     let json: Option<String> = db
         .call(move |c| {
             c.query_row(
-                "SELECT event_json FROM nostr_outbox WHERE purpose = ?1 ORDER BY created_at DESC LIMIT 1",
+                "SELECT event_json FROM nostr_outbox WHERE purpose = ?1 ORDER BY created_at DESC, rowid DESC LIMIT 1",
                 params![purpose],
                 |r| r.get(0),
             )
