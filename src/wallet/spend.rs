@@ -108,6 +108,9 @@ pub async fn send_onchain(
     wallet.send_onchain(permit, address).await
 }
 
+/// How long a payment waits for channels that hold money to become usable again (after a start).
+const SPENDABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Asks the gate, against the spendable balance; above the approval threshold, waits for the creator when
 /// `wait` allows, then asks again (an approved request passes exactly once).
 pub async fn authorize(
@@ -117,6 +120,8 @@ pub async fn authorize(
 ) -> Result<Permit, WalletError> {
     // The node must run before anything is reserved: a payment that cannot be sent should not hold budget.
     wallet.node()?;
+    // Just after a start, channels re-establish with their peers for a moment; their money counts once they do.
+    wallet.wait_spendable(SPENDABLE_WAIT).await;
     let balance_msat = wallet.balance().ok().map(|b| b.spendable_msat);
     match wallet
         .budget()

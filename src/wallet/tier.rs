@@ -36,6 +36,23 @@ impl Wallet {
         ))
     }
 
+    /// Waits (at most `limit`) until every channel holding our money is usable, so a payment made just after a
+    /// start is measured against the real balance, not against channels still re-establishing with their peer.
+    pub(crate) async fn wait_spendable(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        // After a restart a channel may also be usable but unable to send for a moment (an interrupted payment's
+        // HTLC is still being failed back): money in channels with nothing spendable means "not yet".
+        let settled = |w: &Wallet| {
+            w.channels_usable()
+                && w.balance()
+                    .map(|b| b.lightning_sats == 0 || b.spendable_msat > 0)
+                    .unwrap_or(true)
+        };
+        while !settled(self) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// True when every channel that holds our money (or completed its opening) is usable.
     fn channels_usable(&self) -> bool {
         self.inner.node.get().is_none_or(|node| {
