@@ -3,121 +3,14 @@
 //! within the connection's budget (the payment goes through the agent's money gate and leaves a receipt), is
 //! refused past that budget with QUOTA_EXCEEDED, and gets nothing paid once the connection is revoked.
 
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
 
 use automaton_lab::world::{self, World};
+use common::lab_agent::{lab_get, lab_post, LabAgent};
 use nostr::nips::nip47::{ErrorCode, NostrWalletConnectURI, PayInvoiceRequest};
-use serde_json::{json, Value};
-
-/// An agent home in a temp dir.
-struct Agent {
-    dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn home(&self) -> PathBuf {
-        self.dir.path().join("home")
-    }
-
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_automaton"));
-        cmd.arg("--home").arg(self.home());
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("AUTOMATON") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env_remove("RUST_LOG")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command().args(args).output().expect("run automaton")
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "automaton {args:?} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "automaton {args:?} printed no JSON ({e}):\n{}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
-    }
-
-    fn start(&self) -> RunningAgent {
-        let log = std::fs::File::create(self.dir.path().join("run.log")).expect("run log");
-        let mut cmd = self.command();
-        cmd.arg("run")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .process_group(0);
-        RunningAgent(Some(cmd.spawn().expect("spawn automaton run")))
-    }
-
-    fn run_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("run.log")).unwrap_or_default()
-    }
-
-    fn receipts(&self) -> Vec<Value> {
-        self.json(&["wallet", "receipts", "--json"])
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-}
-
-/// A running `automaton run`, killed with its process group when dropped.
-struct RunningAgent(Option<Child>);
-
-impl Drop for RunningAgent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            unsafe {
-                libc::kill(-(child.id() as i32), libc::SIGKILL);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-async fn lab_post(world: &World, path: &str, body: Value) -> Value {
-    let resp = reqwest::Client::new()
-        .post(format!("{}{path}", world.control_url()))
-        .json(&body)
-        .timeout(Duration::from_secs(120))
-        .send()
-        .await
-        .expect("lab control API");
-    let status = resp.status();
-    let value: Value = resp.json().await.expect("lab JSON");
-    assert!(status.is_success(), "POST {path} {body}: {status} {value}");
-    value
-}
-
-async fn lab_get(world: &World, path: &str) -> Value {
-    reqwest::Client::new()
-        .get(format!("{}{path}", world.control_url()))
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .expect("lab control API")
-        .json()
-        .await
-        .expect("lab JSON")
-}
+use serde_json::json;
 
 /// A fresh merchant invoice: (bolt11, payment hash).
 async fn merchant_invoice(world: &World, sats: u64, memo: &str) -> (String, String) {
@@ -137,26 +30,6 @@ async fn merchant_paid(world: &World, hash: &str) -> bool {
     lab_get(world, &format!("/lab/merchant/invoice/{hash}")).await["paid"] == true
 }
 
-/// Polls with backoff until `check` holds or `limit` passes.
-async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    let mut wait = Duration::from_millis(50);
-    loop {
-        if check().await {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_millis(1000));
-    }
-}
-
 fn nip47_code(error: &nwc::Error) -> Option<ErrorCode> {
     match error {
         nwc::Error::NIP47(nostr::nips::nip47::Error::ErrorCode(e)) => Some(e.code),
@@ -167,25 +40,7 @@ fn nip47_code(error: &nwc::Error) -> Option<ErrorCode> {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_nwc_client_pays_within_the_connection_budget_and_is_refused_past_it_or_once_revoked() {
     let world = world::shared();
-    let agent = Agent {
-        dir: tempfile::tempdir().expect("temp dir"),
-    };
-    let lab = world.lab_json_path();
-    let out = agent.run(&[
-        "setup",
-        "--yes",
-        "--name",
-        "nwcagent",
-        "--lab",
-        lab.to_str().unwrap(),
-        "--genesis-prompt",
-        "You are a test agent. Keep notes, spend nothing.",
-    ]);
-    assert!(
-        out.status.success(),
-        "setup failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let agent = LabAgent::set_up(world, "nwcagent", &[]);
 
     // The connection is made while the agent is stopped: the CLI only touches the state DB.
     let created = agent.json(&[
@@ -220,47 +75,9 @@ async fn an_nwc_client_pays_within_the_connection_budget_and_is_refused_past_it_
     );
 
     let _running = agent.start();
-    let mut ready = false;
-    for _ in 0..240 {
-        if agent.run(&["wallet", "balance", "--json"]).status.success() {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert!(
-        ready,
-        "the agent's node never started:\n{}",
-        agent.run_log()
-    );
-
+    agent.wait_ready();
     // Fund the agent through its Lightning address.
-    let config = automaton::config::Config::load(&automaton::home::Home::at(agent.home())).unwrap();
-    let public = reqwest::Url::parse(config.http.public_url.as_deref().unwrap()).unwrap();
-    let lud16 = format!(
-        "nwcagent@{}:{}",
-        public.host_str().unwrap(),
-        public.port().unwrap()
-    );
-    let paid = lab_post(
-        world,
-        "/lab/creator/pay-lnurl",
-        json!({"target": lud16, "sats": 20_000, "comment": "nwc test"}),
-    )
-    .await;
-    let funding_hash = paid["payment_hash"].as_str().unwrap().to_string();
-    assert!(
-        eventually(Duration::from_secs(60), || {
-            let found = agent
-                .receipts()
-                .iter()
-                .any(|r| r["payment_hash"] == funding_hash.as_str() && r["status"] == "succeeded");
-            async move { found }
-        })
-        .await,
-        "the funding never arrived:\n{}",
-        agent.run_log()
-    );
+    agent.fund(world, 20_000).await;
 
     let client = nwc::NWC::with_opts(
         uri.clone(),
@@ -280,8 +97,8 @@ async fn an_nwc_client_pays_within_the_connection_budget_and_is_refused_past_it_
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let balance = balance
-        .unwrap_or_else(|| panic!("get_balance never answered: {last}\n{}", agent.run_log()));
+    let balance =
+        balance.unwrap_or_else(|| panic!("get_balance never answered: {last}\n{}", agent.logs()));
     assert!(balance >= 10_000_000, "balance {balance} msat");
     let info = client.get_info().await.expect("get_info");
     assert!(
@@ -295,7 +112,7 @@ async fn an_nwc_client_pays_within_the_connection_budget_and_is_refused_past_it_
     let paid = client
         .pay_invoice(PayInvoiceRequest::new(bolt11))
         .await
-        .unwrap_or_else(|e| panic!("pay_invoice: {e}\n{}", agent.run_log()));
+        .unwrap_or_else(|e| panic!("pay_invoice: {e}\n{}", agent.logs()));
     assert_eq!(paid.preimage.len(), 64, "{paid:?}");
     assert!(
         merchant_paid(world, &hash).await,

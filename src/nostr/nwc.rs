@@ -725,7 +725,7 @@ async fn handle(service: &Service, event: Event) -> Result<(), NostrError> {
         )),
         Some(_) if !SUPPORTED_METHODS.contains(&method) => Err(error(
             ErrorCode::NotImplemented,
-            format!("`{method}` is not implemented by this wallet"),
+            format!("this wallet offers get_info, get_balance, pay_invoice, make_invoice, lookup_invoice and list_transactions, not `{method}`"),
         )),
         Some(c) if !c.allows(method) => Err(error(
             ErrorCode::Restricted,
@@ -835,7 +835,7 @@ async fn dispatch(
             .map(ResponseResult::ListTransactions),
         _ => Err(error(
             ErrorCode::NotImplemented,
-            format!("`{}` is not implemented by this wallet", request.method),
+            format!("this wallet offers get_info, get_balance, pay_invoice, make_invoice, lookup_invoice and list_transactions, not `{}`", request.method),
         )),
     }
 }
