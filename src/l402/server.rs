@@ -965,28 +965,11 @@ pub fn verify_attestation(document: &Value, expected_node_id: Option<&str>) -> b
 /// comma-separated tokens; the first that verifies wins) and Aperture's `Macaroon` / `Grpc-Metadata-Macaroon`
 /// headers with a `preimage=` caveat.
 pub fn credentials(headers: &HeaderMap) -> Vec<Credential> {
-    let mut out = Vec::new();
-    for value in headers.get_all(header::AUTHORIZATION) {
-        if let Some(c) = value
-            .to_str()
-            .ok()
-            .and_then(|v| automaton_l402::parse_authorization(v).ok())
-        {
-            out.push(c);
-        }
-    }
-    for name in ["macaroon", "grpc-metadata-macaroon"] {
-        for value in headers.get_all(name) {
-            if let Some(c) = value
-                .to_str()
-                .ok()
-                .and_then(|v| automaton_l402::parse_macaroon_header(v).ok())
-            {
-                out.push(c);
-            }
-        }
-    }
-    out
+    let pairs: Vec<(&str, &str)> = headers
+        .iter()
+        .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+        .collect();
+    automaton_l402::credentials_in(pairs.iter().copied())
 }
 
 /// `Payment-Receipt`: base64url (no padding) of `{status, method, timestamp, reference}` (specs/l402.md §5).

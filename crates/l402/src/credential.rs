@@ -117,3 +117,21 @@ pub fn parse_preimage(text: &str) -> Option<[u8; 32]> {
     hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
 }
+
+/// Every credential a request carries, from its headers as `(lower-case name, value)` pairs: `Authorization:
+/// L402|LSAT …` first (each may hold several tokens), then Aperture's `Macaroon` / `Grpc-Metadata-Macaroon` with a
+/// `preimage=` caveat. Unparseable values are skipped: the caller answers a fresh challenge.
+pub fn credentials_in<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a str)> + Clone,
+) -> Vec<Credential> {
+    let authorization = headers
+        .clone()
+        .into_iter()
+        .filter(|(name, _)| *name == "authorization")
+        .filter_map(|(_, value)| parse_authorization(value).ok());
+    let macaroon = headers
+        .into_iter()
+        .filter(|(name, _)| *name == "macaroon" || *name == "grpc-metadata-macaroon")
+        .filter_map(|(_, value)| parse_macaroon_header(value).ok());
+    authorization.chain(macaroon).collect()
+}

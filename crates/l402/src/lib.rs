@@ -25,7 +25,8 @@ pub use challenge::{
     Challenge, ChallengeError, Scheme, TokenParam,
 };
 pub use credential::{
-    format_authorization, parse_authorization, parse_macaroon_header, Credential, CredentialError,
+    credentials_in, format_authorization, parse_authorization, parse_macaroon_header, Credential,
+    CredentialError,
 };
 pub use identifier::{Identifier, IDENTIFIER_LEN};
 pub use macaroon::{Caveat, Macaroon, MacaroonError};
