@@ -886,20 +886,6 @@ impl VmManager {
         Ok(payment)
     }
 
-    /// The payment hashes paid for VM `id`, oldest first (each is a `compute.rent` receipt of the wallet).
-    pub async fn payments(&self, id: u64) -> Result<Vec<String>, ComputeError> {
-        self.db
-            .call(move |c| {
-                let mut stmt = c.prepare(
-                    "SELECT payment_hash FROM lnvps_payments WHERE vm_id = ?1 ORDER BY paid_at, rowid",
-                )?;
-                let rows = stmt.query_map([id as i64], |r| r.get(0))?;
-                rows.collect()
-            })
-            .await
-            .map_err(state_error)
-    }
-
     /// Waits until VM `id` runs with an IP, pins its host keys and checks SSH; records what it learnt.
     pub async fn wait_running(
         &self,
@@ -926,7 +912,7 @@ impl VmManager {
             vm.ip().unwrap_or_default()
         ));
         self.update_from(&vm).await?;
-        let compute = self.ssh(&vm).await?;
+        let compute = self.ssh_in(&vm, None).await?;
         compute.check().await?;
         progress(&format!("SSH into VM {id} works"));
         self.get(id)
@@ -948,10 +934,6 @@ impl VmManager {
         let vm = self.client.vm(id).await?;
         self.update_from(&vm).await?;
         self.ssh_in(&vm, workdir).await
-    }
-
-    async fn ssh(&self, vm: &VmStatus) -> Result<SshCompute, ComputeError> {
-        self.ssh_in(vm, None).await
     }
 
     async fn ssh_in(
