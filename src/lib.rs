@@ -17,6 +17,7 @@ pub mod l402;
 pub mod lnurl;
 pub mod money;
 pub mod nostr;
+pub mod replication;
 pub mod setup;
 pub mod skills;
 pub mod state;

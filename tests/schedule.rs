@@ -349,8 +349,18 @@ async fn modify_heartbeat_from_the_agent_loop_changes_what_the_scheduler_runs() 
     let clock = Arc::new(FakeClock::new(t0()));
     let s = scheduler(&home, &clock, TaskRegistry::builtin());
 
-    // Before: the default schedule's interval entries run at once (status_refresh every 5m, renew_vps every 1h).
-    assert_eq!(names(&tick(&s).await), ["renew_vps", "status_refresh"]);
+    // Before: the default schedule's interval entries run at once (status_refresh every 5m, renew_vps every 1h,
+    // the family's tasks every 30 s or 1 m).
+    assert_eq!(
+        names(&tick(&s).await),
+        [
+            "child_health",
+            "family_inbox",
+            "renew_vps",
+            "status_refresh",
+            "topup_vm"
+        ]
+    );
 
     // One turn of the agent loop, with the scripted model changing the schedule.
     let config = load_config(&home);
@@ -467,7 +477,10 @@ async fn heartbeat_commands_change_the_schedule_and_every_change_can_be_reverted
             "status_refresh",
             "daily_review",
             "publish_card",
-            "renew_vps"
+            "renew_vps",
+            "child_health",
+            "family_inbox",
+            "topup_vm"
         ]
     );
     for e in listed.as_array().unwrap() {

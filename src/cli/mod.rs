@@ -6,6 +6,7 @@
 mod approvals;
 mod budget;
 mod card;
+mod children;
 mod discover;
 mod exec;
 mod fund;
@@ -90,6 +91,12 @@ pub enum Command {
     LnurlAuth(lnurl_auth::LnurlAuthArgs),
     /// Nostr Wallet Connect (NIP-47): connections other apps use to pay through this agent, each with its budget
     Nwc(nwc::NwcArgs),
+    /// Create a funded child agent on another machine (an LNVPS VM by default) and start it
+    Spawn(children::SpawnArgs),
+    /// The children this agent spawned: state, node id, balance
+    Children(children::ChildrenArgs),
+    /// One child: show, message, fund, stop, prune
+    Child(children::ChildArgs),
 }
 
 /// An error that carries the process exit code (anything else exits 1).
@@ -137,6 +144,9 @@ pub fn main() -> ExitCode {
         Command::Vps(args) => vps::execute(&home, &cli.overrides, args),
         Command::LnurlAuth(args) => lnurl_auth::execute(&home, &cli.overrides, args),
         Command::Nwc(args) => nwc::execute(&home, &cli.overrides, args),
+        Command::Spawn(args) => children::spawn(&home, &cli.overrides, args),
+        Command::Children(args) => children::children(&home, args),
+        Command::Child(args) => children::child(&home, &cli.overrides, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

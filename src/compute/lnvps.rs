@@ -588,8 +588,17 @@ pub async fn renew_due(
             tier,
             crate::money::tiers::SurvivalTier::Critical | crate::money::tiers::SurvivalTier::Dead
         );
+    // A child's VM is the child's to pay for (through its LNURL top-up); the parent never renews it.
+    let children_vms: Vec<u64> = db
+        .call(|c| {
+            let mut stmt = c.prepare("SELECT vm_id FROM children WHERE vm_id IS NOT NULL")?;
+            let rows = stmt.query_map([], |r| r.get::<_, i64>(0))?;
+            rows.map(|r| r.map(|id| id.max(0) as u64)).collect()
+        })
+        .await
+        .map_err(state_error)?;
     let mut lines = Vec::new();
-    for vm in due {
+    for vm in due.into_iter().filter(|vm| !children_vms.contains(&vm.id)) {
         if !afford {
             manager.release(vm.id).await?;
             lines.push(format!(
@@ -697,6 +706,43 @@ impl VmManager {
         payer: &dyn RentPayer,
         progress: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<RentedVm, ComputeError> {
+        let id = self.create(request, progress).await?;
+        self.pay_renewal(id, request.intervals, payer, progress)
+            .await?;
+        self.wait_running(id, progress).await
+    }
+
+    /// Whether VM `id` has been paid for at least once (a payment recorded, or a paid-until date ahead).
+    pub async fn is_paid(&self, id: u64) -> Result<bool, ComputeError> {
+        let recorded = self
+            .db
+            .call(move |c| {
+                c.query_row(
+                    "SELECT count(*) FROM lnvps_payments WHERE vm_id = ?1",
+                    [id as i64],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .await
+            .map_err(state_error)?;
+        if recorded > 0 {
+            return Ok(true);
+        }
+        let vm = self.client.vm(id).await?;
+        Ok(vm
+            .expires
+            .as_deref()
+            .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
+            .is_some_and(|e| e > chrono::Utc::now() + chrono::Duration::seconds(60)))
+    }
+
+    /// Creates a VM (unpaid) and records it; returns its id. `rent` pays for it next; a caller that must survive
+    /// a crash in between (a spawn) records the id first.
+    pub async fn create(
+        &self,
+        request: &RentRequest,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<u64, ComputeError> {
         progress("reading templates and images");
         let templates = self.client.templates().await?;
         let (template, price) = match &request.template {
@@ -763,9 +809,7 @@ impl VmManager {
             payments: Vec::new(),
         };
         self.remember(&record).await?;
-        self.pay_renewal(vm.id, request.intervals, payer, progress)
-            .await?;
-        self.wait_running(vm.id, progress).await
+        Ok(vm.id)
     }
 
     /// Pays `intervals` billing intervals of VM `id` (0 = 1); a stored unpaid invoice is paid first, so an
@@ -791,8 +835,10 @@ impl VmManager {
             .await
             .map_err(state_error)?;
         let payment = match pending {
+            // A stored invoice that was paid already (the process died before recording it) is settled, not
+            // paid again; an unpaid one is paid unless it expired.
             Some(pid) => match self.client.payment(&pid).await {
-                Ok(p) if !p.is_paid && !invoice_expired(&p) => p,
+                Ok(p) if p.is_paid || !invoice_expired(&p) => p,
                 _ => self.client.renew(id, intervals.max(1)).await?,
             },
             None => self.client.renew(id, intervals.max(1)).await?,

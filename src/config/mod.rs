@@ -37,6 +37,9 @@ pub struct Config {
     pub wallet: WalletConfig,
     pub http: HttpConfig,
     pub nostr: NostrConfig,
+    /// Children this agent spawns, and (for a child) the VM it pays for itself.
+    #[serde(skip_serializing_if = "ReplicationConfig::is_default")]
+    pub replication: ReplicationConfig,
 }
 
 /// Who made this agent. The creator has full audit rights (constitution, law III).
@@ -601,6 +604,59 @@ impl Default for NostrConfig {
             distress_dm: true,
         }
     }
+}
+
+/// Replication (`replication`): how many children, when a silent child counts as unhealthy or dead, and for a
+/// child, the VM its parent rented for it, which it keeps paying for itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Most children alive (or being spawned) at once.
+    pub max_children: u32,
+    /// A child not seen for this long is `unhealthy`.
+    pub unhealthy_after_secs: u64,
+    /// A child not seen for this long is `dead` (its VM is no longer renewed).
+    pub dead_after_secs: u64,
+    /// The smallest funding a child may be spawned with.
+    pub min_fund_sats: u64,
+    /// For a child on a rented VM: the VM, topped up through its LNURL-pay endpoint by the `topup_vm` task.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub own_vm: Option<OwnVmConfig>,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            max_children: 3,
+            unhealthy_after_secs: 600,
+            dead_after_secs: 3600,
+            min_fund_sats: 10_000,
+            own_vm: None,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    pub fn is_default(&self) -> bool {
+        self == &ReplicationConfig::default()
+    }
+}
+
+/// The VM a child lives on (`replication.own_vm`), written by its parent at spawn.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnVmConfig {
+    /// The VM's id at LNVPS.
+    pub id: u64,
+    /// Its LNURL-pay top-up endpoint (`{api}/.well-known/lnurlp/{id}`): no account needed.
+    pub lnurlp: String,
+    /// Paid until (RFC 3339) when the parent handed it over; the child keeps the later dates in its DB.
+    pub paid_until: String,
+    /// What one top-up pays, and how long that buys.
+    pub topup_sats: u64,
+    pub topup_secs: u64,
+    /// Top up when the VM expires within this long.
+    pub lead_secs: u64,
 }
 
 /// Why the configuration could not be loaded, written, or a secret read.

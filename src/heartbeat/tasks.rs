@@ -83,6 +83,9 @@ impl TaskRegistry {
         registry.register(Arc::new(crate::nostr::tasks::PublishCard));
         registry.register(Arc::new(crate::nostr::tasks::FlushOutbox));
         registry.register(Arc::new(RenewVps));
+        registry.register(Arc::new(crate::replication::tasks::ChildHealth));
+        registry.register(Arc::new(crate::replication::tasks::FamilyInbox));
+        registry.register(Arc::new(crate::replication::tasks::TopupVm));
         registry
     }
 

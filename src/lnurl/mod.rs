@@ -3,6 +3,7 @@
 //! agent's Lightning address) lives in `crate::http::lnurlp`.
 
 pub mod auth;
+pub mod pay;
 
 use std::net::IpAddr;
 

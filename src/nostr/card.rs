@@ -120,6 +120,9 @@ pub struct CardContent {
     /// The parent agent's npub, for a child.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// How many children this agent has running (funded, alive or unhealthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub children: Option<u32>,
     pub updated_at: u64,
 }
 
@@ -186,6 +189,8 @@ pub struct AgentCard {
     pub web: Option<String>,
     pub services: Vec<CardService>,
     pub parent: Option<String>,
+    /// How many children it has running.
+    pub children: Option<u32>,
     /// Job kinds from the `k` tags.
     pub kinds: Vec<u16>,
 }
@@ -295,6 +300,10 @@ pub fn parse_card(event: &Event) -> Result<AgentCard, CardRejection> {
             .and_then(|p| PublicKey::parse(&p).ok())
             .or_else(|| event.tags.public_keys().next().copied())
             .map(|pk| super::npub(&pk)),
+        children: content
+            .get("children")
+            .and_then(Value::as_u64)
+            .map(|n| n.min(u32::MAX as u64) as u32),
         kinds: kinds.into_iter().collect(),
     })
 }

@@ -135,6 +135,14 @@ pub fn current_card(config: &Config, conn: &Connection) -> rusqlite::Result<Card
         web: identity.web,
         services: card_services(config),
         parent: config.nostr.parent.clone(),
+        children: {
+            let n: i64 = conn.query_row(
+                "SELECT count(*) FROM children WHERE state IN ('funded', 'alive', 'unhealthy')",
+                [],
+                |r| r.get(0),
+            )?;
+            (n > 0).then_some(n as u32)
+        },
         updated_at,
     })
 }

@@ -19,6 +19,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_l402_seller.sql"),
     include_str!("migrations/0007_nwc.sql"),
     include_str!("migrations/0008_lnvps.sql"),
+    include_str!("migrations/0009_children.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -259,6 +259,7 @@ impl Registry {
                 .into_iter()
                 .chain(handlers::l402::tools())
                 .chain(handlers::vps::tools())
+                .chain(handlers::replication::tools())
             {
                 registry.register(tool)?;
             }

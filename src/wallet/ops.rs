@@ -374,6 +374,28 @@ pub fn payment_hash_of(bolt11: &str) -> Result<String, WalletError> {
     Ok(invoice.payment_hash().to_string())
 }
 
+/// When a BOLT 11 invoice expires; `None` when it does not parse.
+pub fn invoice_expires_at(bolt11: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let text = bolt11.trim();
+    let text = text
+        .strip_prefix("lightning:")
+        .or_else(|| text.strip_prefix("LIGHTNING:"))
+        .unwrap_or(text);
+    let at = Bolt11Invoice::from_str(text).ok()?.expires_at()?;
+    chrono::DateTime::from_timestamp(at.as_secs() as i64, 0)
+}
+
+/// What a BOLT 11 invoice commits to: its amount (msat) and its description hash (hex), for checking an invoice
+/// an LNURL-pay service returned. `None` when it does not parse.
+pub fn invoice_commitment(bolt11: &str) -> Option<(Option<u64>, Option<String>)> {
+    let invoice = Bolt11Invoice::from_str(bolt11.trim()).ok()?;
+    let hash = match invoice.description() {
+        ldk_node::lightning_invoice::Bolt11InvoiceDescriptionRef::Hash(h) => Some(h.0.to_string()),
+        ldk_node::lightning_invoice::Bolt11InvoiceDescriptionRef::Direct(_) => None,
+    };
+    Some((invoice.amount_milli_satoshis(), hash))
+}
+
 /// Parses a node id for keysend.
 pub(super) fn parse_node_id(text: &str) -> Result<PublicKey, WalletError> {
     PublicKey::from_str(text.trim()).map_err(|_| {

@@ -4,6 +4,7 @@ mod exec;
 mod files;
 pub mod l402;
 pub mod nostr;
+pub mod replication;
 pub mod schedule;
 mod sleep;
 mod synopsis;

@@ -1,0 +1,252 @@
+//! Replication end to end in the lab, through the built binaries: a funded parent spawns a child on an LNVPS VM it
+//! rents and pays over Lightning; the child is installed over SSH (a copy of the parent's binary), set up
+//! non-interactively, started under a supervisor, funded through the parent's budget gate, and comes alive with
+//! its own node id and balance. The parent is killed in the middle of the spawn and restarted: the spawn resumes
+//! with no second VM and no second funding. The child tops up its own VM through the VM's LNURL-pay endpoint from
+//! its own wallet. Stopping the child makes the parent mark it unhealthy, then dead. `max_children` refuses.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use automaton_lab::world;
+use common::lab_agent::{eventually, lab_get, LabAgent};
+use serde_json::Value;
+
+fn child_named(agent: &LabAgent, name: &str) -> Option<Value> {
+    agent
+        .json(&["children", "--json"])
+        .as_array()
+        .and_then(|list| list.iter().find(|c| c["name"] == name).cloned())
+}
+
+fn state_of(agent: &LabAgent, name: &str) -> String {
+    child_named(agent, name)
+        .and_then(|c| c["state"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// `automaton --home HOME ARGS` for the child, whose home is inside its VM's directory on this machine.
+fn child_json(child_home: &std::path::Path, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_automaton"))
+        .arg("--home")
+        .arg(child_home)
+        .args(args)
+        .env_remove("AUTOMATON_HOME")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the child's automaton");
+    assert!(
+        out.status.success(),
+        "child {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_die() {
+    let world = world::shared();
+    // Limits that let it rent and fund a child, quick health verdicts, one child at most; the child tops up its VM
+    // as soon as it runs (a lab "month" is 600 s).
+    let layer = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        layer.path(),
+        "limits:\n  per_payment_sats: 60000\n  hourly_sats: 200000\n  daily_sats: 400000\n\
+         replication:\n  max_children: 1\n  unhealthy_after_secs: 15\n  dead_after_secs: 30\n\
+         compute:\n  lnvps:\n    renew_lead_secs: 600\n",
+    )
+    .unwrap();
+    let parent = LabAgent::set_up(
+        world,
+        "parent",
+        &["--config-from", layer.path().to_str().unwrap()],
+    );
+    let heartbeat_path = parent.home().join("heartbeat.yaml");
+    let heartbeat = std::fs::read_to_string(&heartbeat_path)
+        .unwrap()
+        .replace(
+            "  - name: child_health\n    every: 30s",
+            "  - name: child_health\n    every: 3s",
+        );
+    assert!(heartbeat.contains("every: 3s"));
+    std::fs::write(&heartbeat_path, heartbeat).unwrap();
+
+    let running = parent.start();
+    parent.wait_ready();
+    parent.fund(world, 150_000).await;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            matches!(
+                parent.json(&["status", "--json"])["tier"].as_str(),
+                Some("normal" | "high")
+            )
+        }),
+        "the funded parent's tier never rose to normal"
+    );
+
+    // Spawn from the CLI; kill the parent (and the spawn) once the child's binary is installed.
+    let mut spawn = parent
+        .command()
+        .args([
+            "spawn",
+            "--name",
+            "kid",
+            "--specialization",
+            "Translate short texts between English and French, for sats.",
+            "--fund-sats",
+            "20000",
+            "--json",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    assert!(
+        eventually(Duration::from_secs(240), || {
+            matches!(
+                state_of(&parent, "kid").as_str(),
+                "installed" | "configured" | "started" | "funded" | "alive"
+            ) || spawn.try_wait().unwrap().is_some()
+        }),
+        "the spawn never installed the child:\n{}",
+        parent.logs()
+    );
+    let early = state_of(&parent, "kid");
+    let _ = spawn.kill();
+    let spawn_out = spawn.wait_with_output().unwrap();
+    drop(running); // SIGKILL to the whole `automaton run` process group
+    eprintln!(
+        "killed the parent at state {early}; spawn said: {}",
+        String::from_utf8_lossy(&spawn_out.stderr)
+    );
+
+    // Restarted, the parent's heartbeat resumes the spawn.
+    let running = parent.start();
+    parent.wait_ready();
+    assert!(
+        eventually(Duration::from_secs(300), || state_of(&parent, "kid") == "alive"),
+        "the child never came alive: {:?}\n{}",
+        child_named(&parent, "kid"),
+        parent.logs()
+    );
+    let kid = child_named(&parent, "kid").unwrap();
+    let node_id = kid["node_id"].as_str().expect("the child's node id").to_string();
+    assert_eq!(node_id.len(), 66, "{kid}");
+    assert!(kid["npub"].as_str().unwrap().starts_with("npub1"), "{kid}");
+    assert!(kid["balance_sats"].as_u64().unwrap() > 10_000, "{kid}");
+    let vm_id = kid["vm_id"].as_u64().expect("the child's VM");
+
+    // One VM rented and one funding payment, whatever the kill interrupted.
+    let receipts = parent.receipts();
+    let rent: Vec<_> = receipts
+        .iter()
+        .filter(|r| r["purpose"] == "compute.rent" && r["direction"] == "out")
+        .collect();
+    assert_eq!(rent.len(), 1, "{rent:?}");
+    let funding: Vec<_> = receipts
+        .iter()
+        .filter(|r| r["purpose"] == "replication.fund")
+        .collect();
+    assert_eq!(funding.len(), 1, "{funding:?}");
+    assert_eq!(funding[0]["status"], "succeeded");
+    assert_eq!(funding[0]["amount_msat"], 20_000_000, "{:?}", funding[0]);
+    assert_eq!(kid["fund_payment_hash"], funding[0]["payment_hash"]);
+    let vms = parent.json(&["vps", "list", "--json"]);
+    assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
+
+    // The child, on its VM: its own identity matches, its card names its parent.
+    let lab_vm = lab_get(world, &format!("/lab/lnvps/vm/{vm_id}")).await;
+    let child_home = std::path::Path::new(lab_vm["dir"].as_str().unwrap()).join("automaton/home");
+    let status = child_json(&child_home, &["status", "--json"]);
+    assert_eq!(status["node_id"], node_id.as_str(), "{status}");
+    assert_eq!(status["running"], true, "{status}");
+    let parent_npub = parent.json(&["status", "--json"])["npub"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(status["creator"]["npub"], parent_npub.as_str(), "{status}");
+    let show = parent.json(&["child", "show", "kid", "--json"]);
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            parent.json(&["child", "show", "kid", "--json"])["card"]["parent"]
+                == parent_npub.as_str()
+        }),
+        "the child's card does not name its parent: {show}"
+    );
+
+    // The child pays for its own VM: a compute.rent receipt in its books, the expiry extended at LNVPS.
+    let expires_before = lab_vm["expires"].as_str().unwrap_or_default().to_string();
+    assert!(
+        eventually(Duration::from_secs(120), || {
+            child_json(&child_home, &["wallet", "receipts", "--json"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["purpose"] == "compute.rent" && r["status"] == "succeeded")
+        }),
+        "the child never topped up its VM"
+    );
+    let later = lab_get(world, &format!("/lab/lnvps/vm/{vm_id}")).await;
+    let parse = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
+    assert!(
+        parse(later["expires"].as_str().unwrap_or_default()) > parse(&expires_before)
+            || expires_before.is_empty(),
+        "{expires_before} -> {}",
+        later["expires"]
+    );
+
+    // max_children = 1: a second child is refused (exit 2) with the reason.
+    let out = parent.run(&[
+        "spawn",
+        "--name",
+        "second",
+        "--specialization",
+        "anything",
+        "--fund-sats",
+        "20000",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_children"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Stopped, the child goes silent: unhealthy, then dead.
+    let out = parent.run(&["child", "stop", "kid"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let start = Instant::now();
+    let mut seen_unhealthy = false;
+    while start.elapsed() < Duration::from_secs(180) {
+        match state_of(&parent, "kid").as_str() {
+            "unhealthy" => seen_unhealthy = true,
+            "dead" => break,
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(state_of(&parent, "kid"), "dead", "{}", parent.logs());
+    let history = parent.json(&["child", "show", "kid", "--cached", "--json"]);
+    let states: Vec<&str> = history["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["to"].as_str())
+        .collect();
+    assert!(
+        seen_unhealthy || states.contains(&"unhealthy"),
+        "{states:?}"
+    );
+    assert!(
+        states.starts_with(&["requested", "provisioned", "installed"]),
+        "{states:?}"
+    );
+
+    // Pruned: the VM is let go.
+    let out = parent.run(&["child", "prune", "kid"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(state_of(&parent, "kid"), "");
+    running.stop();
+}
