@@ -120,3 +120,17 @@ fi
 echo "==> what it did" >&2
 $bin/automaton logs
 $bin/automaton status
+if [ -n "$(jq -r '.lnvps_url // empty' "$work/lab/lab.json")" ]; then
+  echo "==> the agent spawns a child: it rents a VPS, installs itself there, funds the child with 15,000 sats" >&2
+  # Funding a child is one payment above the default per-payment limit: this run allows it.
+  $bin/automaton -c limits.per_payment_sats=30000 -c limits.hourly_sats=100000 run >>"$work/agent.log" 2>&1 &
+  agent_pid=$!
+  $bin/automaton wallet balance --json >/dev/null
+  $bin/automaton spawn --name demo-child --fund-sats 15000 \
+    --specialization "Answer questions about the lab world, for sats."
+  echo "==> the family: the child runs on its own VPS with its own node and wallet" >&2
+  $bin/automaton children
+  $bin/automaton child show demo-child --cached
+  child_home="$($bin/automaton children --json | jq -r '.[0].base_dir')/home"
+  AUTOMATON_HOME="$child_home" $bin/automaton status
+fi

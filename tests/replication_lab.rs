@@ -3,7 +3,8 @@
 //! non-interactively, started under a supervisor, funded through the parent's budget gate, and comes alive with
 //! its own node id and balance. The parent is killed in the middle of the spawn and restarted: the spawn resumes
 //! with no second VM and no second funding. The child tops up its own VM through the VM's LNURL-pay endpoint from
-//! its own wallet. Stopping the child makes the parent mark it unhealthy, then dead. `max_children` refuses.
+//! its own wallet, and reads a private message from its parent in its loop. Stopping the child makes the parent mark
+//! it unhealthy, then dead. `max_children` refuses.
 
 mod common;
 
@@ -64,12 +65,10 @@ async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_
         &["--config-from", layer.path().to_str().unwrap()],
     );
     let heartbeat_path = parent.home().join("heartbeat.yaml");
-    let heartbeat = std::fs::read_to_string(&heartbeat_path)
-        .unwrap()
-        .replace(
-            "  - name: child_health\n    every: 30s",
-            "  - name: child_health\n    every: 3s",
-        );
+    let heartbeat = std::fs::read_to_string(&heartbeat_path).unwrap().replace(
+        "  - name: child_health\n    every: 30s",
+        "  - name: child_health\n    every: 3s",
+    );
     assert!(heartbeat.contains("every: 3s"));
     std::fs::write(&heartbeat_path, heartbeat).unwrap();
 
@@ -126,13 +125,17 @@ async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_
     let running = parent.start();
     parent.wait_ready();
     assert!(
-        eventually(Duration::from_secs(300), || state_of(&parent, "kid") == "alive"),
+        eventually(Duration::from_secs(300), || state_of(&parent, "kid")
+            == "alive"),
         "the child never came alive: {:?}\n{}",
         child_named(&parent, "kid"),
         parent.logs()
     );
     let kid = child_named(&parent, "kid").unwrap();
-    let node_id = kid["node_id"].as_str().expect("the child's node id").to_string();
+    let node_id = kid["node_id"]
+        .as_str()
+        .expect("the child's node id")
+        .to_string();
     assert_eq!(node_id.len(), 66, "{kid}");
     assert!(kid["npub"].as_str().unwrap().starts_with("npub1"), "{kid}");
     assert!(kid["balance_sats"].as_u64().unwrap() > 10_000, "{kid}");
@@ -158,7 +161,15 @@ async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_
 
     // The child, on its VM: its own identity matches, its card names its parent.
     let lab_vm = lab_get(world, &format!("/lab/lnvps/vm/{vm_id}")).await;
-    let child_home = std::path::Path::new(lab_vm["dir"].as_str().unwrap()).join("automaton/home");
+    let base_dir = kid["base_dir"]
+        .as_str()
+        .expect("the child's directory")
+        .to_string();
+    assert!(
+        base_dir.starts_with(lab_vm["dir"].as_str().unwrap()),
+        "the child lives in its VM: {base_dir} vs {lab_vm}"
+    );
+    let child_home = std::path::Path::new(&base_dir).join("home");
     let status = child_json(&child_home, &["status", "--json"]);
     assert_eq!(status["node_id"], node_id.as_str(), "{status}");
     assert_eq!(status["running"], true, "{status}");
@@ -197,6 +208,34 @@ async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_
         later["expires"]
     );
 
+    // A private message from the parent reaches the child's loop, from `parent`, not as its creator.
+    let out = parent.run(&[
+        "child",
+        "message",
+        "kid",
+        "Hello from your parent: translate more.",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        eventually(Duration::from_secs(120), || {
+            child_json(&child_home, &["logs", "--json", "--limit", "50"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| {
+                    t["input_source"] == "parent"
+                        && t["input"]
+                            .as_str()
+                            .is_some_and(|i| i.contains("Hello from your parent"))
+                })
+        }),
+        "the parent's message never reached the child's loop"
+    );
+
     // max_children = 1: a second child is refused (exit 2) with the reason.
     let out = parent.run(&[
         "spawn",
@@ -216,7 +255,11 @@ async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_
 
     // Stopped, the child goes silent: unhealthy, then dead.
     let out = parent.run(&["child", "stop", "kid"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let start = Instant::now();
     let mut seen_unhealthy = false;
     while start.elapsed() < Duration::from_secs(180) {
@@ -246,7 +289,11 @@ async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_
 
     // Pruned: the VM is let go.
     let out = parent.run(&["child", "prune", "kid"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(state_of(&parent, "kid"), "");
     running.stop();
 }

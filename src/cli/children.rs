@@ -250,11 +250,22 @@ pub fn child(home: &Home, overrides: &[Override], args: ChildArgs) -> anyhow::Re
                 let npub = child.npub.ok_or_else(|| {
                     anyhow::anyhow!("child {} has no npub yet (its setup has not run)", a.name)
                 })?;
-                let id = messages::send(home, &config, &db, &format!("child:{}", a.name), &npub, &a.text)
-                    .await
-                    .map_err(|e| exit(e, None))?;
+                let id = messages::send(
+                    home,
+                    &config,
+                    &db,
+                    &format!("child:{}", a.name),
+                    &npub,
+                    &a.text,
+                )
+                .await
+                .map_err(|e| exit(e, None))?;
                 print(a.json, &json!({"child": a.name, "event_id": id}), |v| {
-                    format!("sent to {} (event {})", a.name, v["event_id"].as_str().unwrap_or_default())
+                    format!(
+                        "sent to {} (event {})",
+                        a.name,
+                        v["event_id"].as_str().unwrap_or_default()
+                    )
                 })
             }
             ChildCommand::Fund(a) => {

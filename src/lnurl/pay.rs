@@ -47,13 +47,22 @@ async fn get_json(url: &Url) -> Result<Value, LnurlError> {
     let value: Value = serde_json::from_slice(&body).map_err(|_| {
         err(format!(
             "HTTP {status}, not JSON: {}",
-            String::from_utf8_lossy(&body).chars().take(120).collect::<String>()
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(120)
+                .collect::<String>()
         ))
     })?;
-    if value["status"].as_str().is_some_and(|s| s.eq_ignore_ascii_case("ERROR")) {
+    if value["status"]
+        .as_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case("ERROR"))
+    {
         return Err(LnurlError::Service {
             url: url.to_string(),
-            reason: value["reason"].as_str().unwrap_or("no reason given").to_string(),
+            reason: value["reason"]
+                .as_str()
+                .unwrap_or("no reason given")
+                .to_string(),
         });
     }
     if !status.is_success() {
@@ -74,7 +83,9 @@ pub async fn pay_request(url: &str, network: &str) -> Result<PayRequest, LnurlEr
         return Err(invalid("not a payRequest"));
     }
     let callback = checked_url(
-        v["callback"].as_str().ok_or_else(|| invalid("no callback"))?,
+        v["callback"]
+            .as_str()
+            .ok_or_else(|| invalid("no callback"))?,
         network,
     )?;
     let number = |key: &str| {
@@ -124,7 +135,9 @@ pub async fn invoice(request: &PayRequest, amount_msat: u64) -> Result<String, L
     if amount != Some(amount_msat) {
         return Err(invalid(format!(
             "the invoice is for {} msat, not the {amount_msat} msat asked for",
-            amount.map(|a| a.to_string()).unwrap_or_else(|| "an open amount of".into())
+            amount
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "an open amount of".into())
         )));
     }
     let expected = hex::encode(Sha256::digest(request.metadata.as_bytes()));

@@ -180,7 +180,12 @@ pub async fn latest_card(
 }
 
 /// Stops the child's agent (its supervisor too). The health check then sees it silent.
-pub async fn stop(home: &Home, config: &Config, db: &Db, name: &str) -> Result<(), ReplicationError> {
+pub async fn stop(
+    home: &Home,
+    config: &Config,
+    db: &Db,
+    name: &str,
+) -> Result<(), ReplicationError> {
     let child = super::require(db, name).await?;
     let site = site::open(home, config, db, &child).await?;
     site.stop().await

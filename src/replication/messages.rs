@@ -81,7 +81,10 @@ pub async fn send(
 }
 
 /// The peers this agent takes messages from: its parent (config) and its children (recorded), by public key.
-async fn family(config: &Config, db: &Db) -> Result<Vec<(String, nostr::PublicKey, String)>, ReplicationError> {
+async fn family(
+    config: &Config,
+    db: &Db,
+) -> Result<Vec<(String, nostr::PublicKey, String)>, ReplicationError> {
     let mut peers = Vec::new();
     if let Some(parent) = &config.nostr.parent {
         if let Ok(pk) = crate::nostr::parse_public_key(parent) {

@@ -346,7 +346,11 @@ pub(crate) async fn set(
 /// dead process (a killed `automaton spawn`, a crashed agent) is taken over.
 pub(crate) async fn take_lease(db: &Db, name: &str) -> Result<(), ReplicationError> {
     // Within this process: one driver per child (the spawn tool's task and the heartbeat share a pid).
-    if !in_process().lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string()) {
+    if !in_process()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name.to_string())
+    {
         return Err(ReplicationError::Refused(format!(
             "the spawn of {name} is already under way in this process"
         )));

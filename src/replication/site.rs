@@ -49,7 +49,11 @@ impl Site {
     }
 
     /// Runs a shell command at the site.
-    pub async fn sh(&self, command: &str, timeout: Duration) -> Result<ExecOutput, ReplicationError> {
+    pub async fn sh(
+        &self,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<ExecOutput, ReplicationError> {
         let out = self
             .compute
             .exec(ExecRequest {
@@ -62,7 +66,11 @@ impl Site {
     }
 
     /// Runs `automaton ARGS` as the child; fails with its stderr when it exits non-zero.
-    pub async fn automaton(&self, args: &str, timeout: Duration) -> Result<String, ReplicationError> {
+    pub async fn automaton(
+        &self,
+        args: &str,
+        timeout: Duration,
+    ) -> Result<String, ReplicationError> {
         let bin = quote(&self.bin().display().to_string());
         let out = self.sh(&format!("{bin} {args}"), timeout).await?;
         if out.exit_code == Some(0) {
@@ -75,24 +83,41 @@ impl Site {
         };
         Err(ReplicationError::Failed(format!(
             "`automaton {}` on the child's machine failed: {why}",
-            args.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+            args.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
         )))
     }
 
     /// Runs `automaton ARGS --json` as the child and parses its one JSON document.
-    pub async fn automaton_json(&self, args: &str, timeout: Duration) -> Result<Value, ReplicationError> {
+    pub async fn automaton_json(
+        &self,
+        args: &str,
+        timeout: Duration,
+    ) -> Result<Value, ReplicationError> {
         let stdout = self.automaton(&format!("{args} --json"), timeout).await?;
         serde_json::from_str(stdout.trim()).map_err(|e| {
-            ReplicationError::Failed(format!("the child's `automaton {args} --json` is not JSON: {e}"))
+            ReplicationError::Failed(format!(
+                "the child's `automaton {args} --json` is not JSON: {e}"
+            ))
         })
     }
 
     /// Copies the running binary to `bin/automaton` unless the same one (by SHA-256) is there already, and checks
     /// the copy. Refuses a machine of another architecture or OS.
-    pub async fn install(&self, progress: &(dyn Fn(&str) + Send + Sync)) -> Result<String, ReplicationError> {
-        let out = self.sh("uname -s; uname -m", Duration::from_secs(30)).await?;
+    pub async fn install(
+        &self,
+        progress: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<String, ReplicationError> {
+        let out = self
+            .sh("uname -s; uname -m", Duration::from_secs(30))
+            .await?;
         let mut lines = out.stdout.lines();
-        let (os, arch) = (lines.next().unwrap_or("").trim(), lines.next().unwrap_or("").trim());
+        let (os, arch) = (
+            lines.next().unwrap_or("").trim(),
+            lines.next().unwrap_or("").trim(),
+        );
         if !os.eq_ignore_ascii_case(std::env::consts::OS) || arch != std::env::consts::ARCH {
             return Err(ReplicationError::Failed(format!(
                 "the child's machine is {os} {arch}; this binary is for {} {}: install automaton there by hand",
@@ -225,9 +250,10 @@ fi
 pidfile="$base/run.pid"
 if [ -f "$pidfile" ]; then
   pid=$(cat "$pidfile")
-  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
-  i=0; while kill -0 -- "-$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
-  kill -KILL -- "-$pid" 2>/dev/null
+  # The supervisor leads its own process group: signal the whole group (dash's kill takes no `--`).
+  kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
+  i=0; while kill -0 "-$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
+  kill -KILL "-$pid" 2>/dev/null
   rm -f "$pidfile"
 fi
 exit 0
@@ -316,7 +342,13 @@ pub async fn open(
         }
     };
     if child.base_dir.is_none() {
-        super::set(db, &child.name, "base_dir", base.display().to_string().into()).await?;
+        super::set(
+            db,
+            &child.name,
+            "base_dir",
+            base.display().to_string().into(),
+        )
+        .await?;
     }
     Ok(Site { compute, base })
 }

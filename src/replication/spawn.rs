@@ -51,7 +51,10 @@ fn valid_name(name: &str) -> Result<(), ReplicationError> {
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
     if ok {
         Ok(())
     } else {
@@ -98,7 +101,9 @@ pub fn child_genesis(
     let room = crate::genesis::MAX_PROMPT_CHARS.saturating_sub(text.chars().count() + 200);
     let context: String = parent_genesis.trim().chars().take(room).collect();
     if !context.is_empty() {
-        text.push_str("\n\nYour parent's own purpose, for context (yours is the specialisation above):\n\n");
+        text.push_str(
+            "\n\nYour parent's own purpose, for context (yours is the specialisation above):\n\n",
+        );
         text.push_str(&context);
     }
     Ok(text)
@@ -151,7 +156,9 @@ pub async fn request(
     }
     let npub = crate::nostr::keys::agent_keys(home)
         .map(|k| crate::nostr::npub(&k.public_key()))
-        .map_err(|e| ReplicationError::Failed(format!("cannot read this agent's Nostr key: {e}")))?;
+        .map_err(|e| {
+            ReplicationError::Failed(format!("cannot read this agent's Nostr key: {e}"))
+        })?;
     let genesis = child_genesis(home, config, &req.name, &req.specialization, &npub)?;
     let r = req.clone();
     let now = now_rfc3339();
@@ -345,7 +352,11 @@ impl Spawner<'_> {
 
     /// Writes the child's genesis and config, runs its non-interactive setup (once), and reads back its node id
     /// and npub from its `automaton status --json`.
-    async fn configure(&self, child: &Child, site: &Site) -> Result<(String, String), ReplicationError> {
+    async fn configure(
+        &self,
+        child: &Child,
+        site: &Site,
+    ) -> Result<(String, String), ReplicationError> {
         let set_up = site
             .automaton_json("status", Duration::from_secs(60))
             .await
@@ -397,8 +408,9 @@ impl Spawner<'_> {
     /// for a VM child, the VM it must keep paying for.
     async fn child_config(&self, child: &Child, site: &Site) -> Result<String, ReplicationError> {
         let parent = self.config;
-        let keys = crate::nostr::keys::agent_keys(self.home)
-            .map_err(|e| ReplicationError::Failed(format!("cannot read this agent's Nostr key: {e}")))?;
+        let keys = crate::nostr::keys::agent_keys(self.home).map_err(|e| {
+            ReplicationError::Failed(format!("cannot read this agent's Nostr key: {e}"))
+        })?;
         let parent_npub = crate::nostr::npub(&keys.public_key());
         let parent_node = crate::wallet::Identity::load(&self.home.wallet_path())
             .ok()
@@ -450,8 +462,9 @@ impl Spawner<'_> {
         if let Some(vm) = self.own_vm(child).await? {
             layer["replication"]["own_vm"] = vm;
         }
-        crate::config::yaml::to_string(&layer)
-            .map_err(|e| ReplicationError::Failed(format!("cannot write the child's config: {}", e.message)))
+        crate::config::yaml::to_string(&layer).map_err(|e| {
+            ReplicationError::Failed(format!("cannot write the child's config: {}", e.message))
+        })
     }
 
     /// Where the child's HTTP face listens: on a VM, its own address; elsewhere a free loopback port.
@@ -521,7 +534,9 @@ impl Spawner<'_> {
                     .sh(
                         &format!(
                             "tail -n 5 {}",
-                            crate::compute::ssh::quote(&site.base.join("run.log").display().to_string())
+                            crate::compute::ssh::quote(
+                                &site.base.join("run.log").display().to_string()
+                            )
                         ),
                         Duration::from_secs(10),
                     )
@@ -560,31 +575,37 @@ impl Spawner<'_> {
         let bolt11 = match bolt11 {
             Some(b) => b,
             None => {
-                (self.progress)(&format!("asking the child for an invoice of {} sats", child.fund_sats));
+                (self.progress)(&format!(
+                    "asking the child for an invoice of {} sats",
+                    child.fund_sats
+                ));
                 let invoice = site
                     .automaton_json(
                         &format!(
                             "wallet invoice {} --memo {} --purpose replication.birth",
                             child.fund_sats,
-                            crate::compute::ssh::quote(&format!("funding from {}", self.config.name))
+                            crate::compute::ssh::quote(&format!(
+                                "funding from {}",
+                                self.config.name
+                            ))
                         ),
                         Duration::from_secs(120),
                     )
                     .await?;
                 let bolt11 = invoice["bolt11"]
                     .as_str()
-                    .ok_or_else(|| ReplicationError::Failed("the child's invoice has no bolt11".into()))?
+                    .ok_or_else(|| {
+                        ReplicationError::Failed("the child's invoice has no bolt11".into())
+                    })?
                     .to_string();
                 set(self.db, &child.name, "fund_invoice", bolt11.clone().into()).await?;
                 bolt11
             }
         };
         (self.progress)(&format!("paying {} sats to the child", child.fund_sats));
-        let hash = self
-            .payer
-            .pay(&bolt11, FUND_PURPOSE)
-            .await
-            .map_err(|e| ReplicationError::PaymentFailed(format!("the child was not funded: {e}")))?;
+        let hash = self.payer.pay(&bolt11, FUND_PURPOSE).await.map_err(|e| {
+            ReplicationError::PaymentFailed(format!("the child was not funded: {e}"))
+        })?;
         self.funded(child, &hash).await
     }
 
@@ -600,7 +621,8 @@ impl Spawner<'_> {
                 }
                 _ if tokio::time::Instant::now() > deadline => {
                     return Err(ReplicationError::Failed(
-                        "the funding payment is still in flight; the next attempt looks again".into(),
+                        "the funding payment is still in flight; the next attempt looks again"
+                            .into(),
                     ))
                 }
                 _ => tokio::time::sleep(Duration::from_secs(1)).await,
@@ -609,8 +631,20 @@ impl Spawner<'_> {
     }
 
     async fn funded(&self, child: &Child, hash: &str) -> Result<String, ReplicationError> {
-        set(self.db, &child.name, "fund_payment_hash", hash.to_string().into()).await?;
-        set(self.db, &child.name, "funded_sats", (child.fund_sats as i64).into()).await?;
+        set(
+            self.db,
+            &child.name,
+            "fund_payment_hash",
+            hash.to_string().into(),
+        )
+        .await?;
+        set(
+            self.db,
+            &child.name,
+            "funded_sats",
+            (child.fund_sats as i64).into(),
+        )
+        .await?;
         Ok(hash.to_string())
     }
 }
@@ -681,7 +715,10 @@ mod tests {
 
         set_tier(&db, "critical").await;
         let why = refused(request(&home, &config, &db, &req("kid")).await);
-        assert!(why.contains("tier is critical") && why.contains("below normal"), "{why}");
+        assert!(
+            why.contains("tier is critical") && why.contains("below normal"),
+            "{why}"
+        );
         set_tier(&db, "low_compute").await;
         assert!(refused(request(&home, &config, &db, &req("kid")).await).contains("low_compute"));
 
@@ -703,7 +740,10 @@ mod tests {
         let home = Home::at(dir.path());
         let config = Config::default();
         let text = child_genesis(&home, &config, "kid", "Sell haikus.", "npub1x").unwrap();
-        assert!(text.contains("You are kid") && text.contains("Sell haikus."), "{text}");
+        assert!(
+            text.contains("You are kid") && text.contains("Sell haikus."),
+            "{text}"
+        );
         let err = child_genesis(
             &home,
             &config,

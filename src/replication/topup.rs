@@ -84,7 +84,9 @@ pub async fn topup_due(
             Some("pending") => {
                 return Ok(Some(format!("VM {} top-up {hash} is in flight", vm.id)));
             }
-            _ if !expired(&pending) => return pay(config, db, payer, &pending, paid_until).await.map(Some),
+            _ if !expired(&pending) => {
+                return pay(config, db, payer, &pending, paid_until).await.map(Some)
+            }
             _ => kv_put(db, PENDING_KEY, None).await?,
         }
     }
@@ -128,7 +130,9 @@ async fn pay(
     let hash = payer
         .pay(bolt11, crate::compute::lnvps::RENT_PURPOSE)
         .await
-        .map_err(|e| ReplicationError::PaymentFailed(format!("VM {} top-up not paid: {e}", vm.id)))?;
+        .map_err(|e| {
+            ReplicationError::PaymentFailed(format!("VM {} top-up not paid: {e}", vm.id))
+        })?;
     let until = extend(db, paid_until, vm.topup_secs).await?;
     Ok(format!(
         "VM {} topped up with {} sats (payment {hash}); paid until {until}",

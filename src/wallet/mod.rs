@@ -31,7 +31,10 @@ use crate::state::{Db, StateError};
 
 pub use identity::{Identity, IdentitySetup};
 pub use node::{default_esplora_url, NODE_LOG_FILE};
-pub use ops::{invoice_commitment, invoice_expires_at, payment_hash_of, Balance, ChannelInfo, CreatedInvoice, InvoiceSummary, WalletInfo};
+pub use ops::{
+    invoice_commitment, invoice_expires_at, payment_hash_of, Balance, ChannelInfo, CreatedInvoice,
+    InvoiceSummary, WalletInfo,
+};
 pub use pay::{OnchainSent, Paid};
 
 /// kv keys written at setup so `status` can show the identity without starting a node.

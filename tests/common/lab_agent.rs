@@ -110,6 +110,13 @@ impl LabAgent {
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .process_group(0);
+        // Killed with the test's thread even when the test dies without unwinding.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         RunningAgent(Some(cmd.spawn().expect("spawn automaton run")))
     }
 

@@ -113,7 +113,9 @@ impl ToolHandler for SpawnChildTool {
             };
             match spawner.drive(&name).await {
                 Ok(c) => tracing::info!(child = %name, state = %c.state, "spawn finished"),
-                Err(e) => tracing::warn!(child = %name, error = %e, "spawn attempt failed; the heartbeat retries"),
+                Err(e) => {
+                    tracing::warn!(child = %name, error = %e, "spawn attempt failed; the heartbeat retries")
+                }
             }
         });
         json_output(json!({
@@ -265,7 +267,10 @@ impl ToolHandler for MessageChildTool {
             .await
             .map_err(respond)?;
         let npub = child.npub.ok_or_else(|| {
-            ToolError::Respond(format!("{} has no npub yet (its setup has not run)", args.name))
+            ToolError::Respond(format!(
+                "{} has no npub yet (its setup has not run)",
+                args.name
+            ))
         })?;
         let id = messages::send(
             &ctx.home,
