@@ -607,11 +607,10 @@ async fn the_budget_gate_holds_under_real_payments() {
     assert_eq!(open, 0, "no reservation is left open");
 }
 
-// Flaky (about one run in three here): after a kill -9 with the payment in flight, the restarted node sometimes
-// reports no spendable Lightning balance for over a minute, so the re-payment is refused by the reserve floor or the
-// reconciliation times out. It never paid twice in any run. Run it with `cargo test --test wallet -- --ignored`
-// until that restart behaviour is understood (see the closing note of stop 10).
-#[ignore = "flaky: a node restarted after kill -9 mid-payment can read a 0 spendable balance for over a minute"]
+// A kill -9 can land between LDK's monitor write and its ChannelManager write; LDK then force-closes the channel on
+// the restart ("ChannelManager is stale compared to the current ChannelMonitor"). Each round accepts either outcome
+// and checks what must hold in both: the books agree with the merchant, nothing is paid twice, and money in a closed
+// channel is accounted as closing.
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_in_the_middle_of_a_payment_never_pays_twice() {
     let world = world::shared();
@@ -621,7 +620,6 @@ async fn kill_9_in_the_middle_of_a_payment_never_pays_twice() {
 
     // The agent dies at different moments after the permit was reserved and the pending receipt written: before
     // the payment left, while it is in flight, or just as it settles.
-    let mut paid_count = 0;
     for (round, delay_ms) in [0u64, 40, 120, 300].into_iter().enumerate() {
         let (bolt11, hash) = merchant_invoice(world, 2_000, &format!("interrupted {round}")).await;
         let mut pay = agent.command();
@@ -652,79 +650,151 @@ async fn kill_9_in_the_middle_of_a_payment_never_pays_twice() {
         let _ = pay.wait();
         assert!(!automaton_alive(pid));
 
-        // Restarted, the agent reconciles with its node: the books match what really happened.
+        // Restarted, the agent reconciles with its node: the books match what really happened. A kill -9 between
+        // LDK's two writes (a ChannelMonitor update is saved at once, the ChannelManager a moment later) leaves a
+        // ChannelManager on disk older than its monitor, and LDK force-closes that channel on the restart. Its money
+        // is then accounted as closing, and a payment caught in it stays in flight until it resolves on-chain.
         running = agent.start();
+        let closing = || {
+            agent.json(&["wallet", "balance", "--json"])["closing_sats"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        let receipt_of = || {
+            receipts(&agent)
+                .into_iter()
+                .find(|r| r["payment_hash"] == hash.as_str())
+                .unwrap()
+        };
         assert!(
             eventually(Duration::from_secs(90), || {
-                receipts(&agent)
-                    .iter()
-                    .any(|r| r["payment_hash"] == hash.as_str() && r["status"] != "pending")
+                receipt_of()["status"] != "pending" || closing() > 0
             }),
-            "the interrupted payment was reconciled"
+            "the interrupted payment was not reconciled:\n{}",
+            node_notes(&agent)
         );
-        let receipt = receipts(&agent)
-            .into_iter()
-            .find(|r| r["payment_hash"] == hash.as_str())
-            .unwrap();
+        let receipt = receipt_of();
+        let closed = closing() > 0;
         let paid = merchant_paid(world, &hash).await;
         eprintln!(
-            "killed {delay_ms} ms after the permit: receipt {}, merchant paid: {paid}",
+            "killed {delay_ms} ms after the permit: receipt {}, merchant paid: {paid}, channel force-closed: {closed}",
             receipt["status"]
         );
-        assert_eq!(
-            receipt["status"] == "succeeded",
-            paid,
-            "receipt {receipt} and merchant (paid: {paid}) agree"
-        );
-        let reserved: i64 = agent
-            .db()
-            .call_blocking(|c| {
-                c.query_row(
-                    "SELECT count(*) FROM money_permits WHERE state = 'reserved'",
-                    [],
-                    |r| r.get(0),
-                )
-            })
-            .unwrap();
-        assert_eq!(reserved, 0, "the reservation was settled or released");
-
-        // Paying the same invoice again: refused if it was paid, paid exactly once if it was not.
-        let again = agent.run(&["wallet", "pay", &bolt11]);
-        if paid {
-            assert_eq!(again.status.code(), Some(1), "no double payment");
+        let in_flight = receipt["status"] == "pending";
+        if in_flight {
+            assert!(
+                closed,
+                "only a payment caught in a closed channel stays in flight"
+            );
+        } else if !closed {
+            assert_eq!(
+                receipt["status"] == "succeeded",
+                paid,
+                "receipt {receipt} and merchant (paid: {paid}) agree"
+            );
         } else {
+            // In a closed channel the node may still hold the HTLC (LDK rebuilds it from the monitor): it ends
+            // on-chain, and a late success is counted then.
+            assert!(receipt["status"] != "succeeded" || paid, "{receipt}");
+        }
+        assert_books_balance(&agent);
+
+        // Paying the same invoice again never pays it twice.
+        let again = agent.run(&["wallet", "pay", &bolt11]);
+        if paid || in_flight {
+            assert!(!again.status.success(), "no double payment");
+        }
+        if closed {
+            // Nothing spendable until the closed channel's money is back on-chain: funded again (a new JIT
+            // channel), the agent goes on. The unpaid invoice is paid now, unless the node still holds its HTLC in
+            // the closed channel (then it refuses: that payment ends on-chain).
+            fund(world, &agent, 60_000).await;
+            if !paid && !in_flight {
+                let again = agent.run(&["wallet", "pay", &bolt11]);
+                eprintln!(
+                    "  paid again after the close: {} {}",
+                    again.status,
+                    String::from_utf8_lossy(&again.stderr).trim()
+                );
+                assert_eq!(again.status.success(), merchant_paid(world, &hash).await);
+            }
+        } else if !paid {
             assert!(
                 again.status.success(),
-                "{}",
-                String::from_utf8_lossy(&again.stderr)
+                "{}\n{}",
+                String::from_utf8_lossy(&again.stderr),
+                node_notes(&agent)
             );
             assert!(merchant_paid(world, &hash).await);
         }
-        paid_count += 1;
+        assert_books_balance(&agent);
     }
+}
 
-    // One receipt and one settled permit per invoice: nothing was paid or counted twice.
-    let succeeded: Vec<Value> = receipts(&agent)
+/// The books' invariants: one settled permit of 2,000 sats per succeeded outgoing receipt, one reserved permit per
+/// outgoing receipt still pending, nothing else held.
+fn assert_books_balance(agent: &Agent) {
+    let out: Vec<Value> = receipts(agent)
         .into_iter()
-        .filter(|r| r["direction"] == "out" && r["status"] == "succeeded")
+        .filter(|r| r["direction"] == "out")
         .collect();
-    assert_eq!(succeeded.len(), paid_count);
-    let settled: Vec<(i64, i64)> = agent
+    let count = |status: &str| out.iter().filter(|r| r["status"] == status).count();
+    let permits: Vec<(String, i64)> = agent
         .db()
         .call_blocking(|c| {
             let mut stmt = c.prepare(
-                "SELECT paid_msat, fee_msat FROM money_permits WHERE state = 'settled' ORDER BY created_at",
+                "SELECT state, COALESCE(paid_msat, 0) FROM money_permits WHERE state IN ('settled', 'reserved')",
             )?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         })
         .unwrap();
+    let settled: Vec<i64> = permits
+        .iter()
+        .filter(|(s, _)| s == "settled")
+        .map(|(_, paid)| *paid)
+        .collect();
+    let reserved = permits.iter().filter(|(s, _)| s == "reserved").count();
     assert_eq!(
         settled.len(),
-        paid_count,
-        "the budget counts each payment once"
+        count("succeeded"),
+        "the budget counts each payment once: {out:?}"
     );
-    assert!(settled.iter().all(|(paid, _)| *paid == 2_000_000));
+    assert!(settled.iter().all(|paid| *paid == 2_000_000), "{settled:?}");
+    assert_eq!(
+        reserved,
+        count("pending"),
+        "a reservation is held exactly while its payment is in flight: {out:?}"
+    );
+}
+
+/// Warnings, errors and channel closures from the agent's node log and its run logs (for failure messages).
+fn node_notes(agent: &Agent) -> String {
+    let mut notes = Vec::new();
+    let mut files = vec![agent.home().join("logs").join("ldk-node.log")];
+    for entry in std::fs::read_dir(agent.dir.path())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry.path().extension().is_some_and(|x| x == "log") {
+            files.push(entry.path());
+        }
+    }
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        notes.extend(
+            text.lines()
+                .filter(|l| {
+                    l.contains("WARN")
+                        || l.contains("ERROR")
+                        || l.contains("stale")
+                        || l.contains("clos")
+                })
+                .map(str::to_string),
+        );
+    }
+    notes[notes.len().saturating_sub(40)..].join("\n")
 }
 
 fn automaton_alive(pid: i32) -> bool {

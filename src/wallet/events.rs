@@ -171,8 +171,32 @@ async fn handle(wallet: &Wallet, node: &Node, event: &Event) -> Result<(), Walle
                 .await?;
             }
         }
-        Event::ChannelReady { .. } | Event::ChannelClosed { .. } => {
+        Event::ChannelReady { .. } => {
             wallet.changed_balance().await;
+        }
+        Event::ChannelClosed {
+            channel_id,
+            counterparty_node_id,
+            reason,
+            ..
+        } => {
+            let reason = reason
+                .as_ref()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "no reason given".into());
+            let peer = counterparty_node_id
+                .as_ref()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "an unknown peer".into());
+            tracing::warn!(channel = %channel_id, %peer, %reason, "a channel closed");
+            wallet.changed_balance().await;
+            wake_agent(
+                wallet,
+                format!(
+                    "Your Lightning channel {channel_id} with {peer} closed ({reason}). Money it held returns                      on-chain once the closing transactions confirm; until then it cannot be spent. See                      check_balance."
+                ),
+            )
+            .await?;
         }
         Event::PaymentFailed {
             payment_hash: None, ..

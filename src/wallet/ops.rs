@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use ldk_node::bitcoin::secp256k1::PublicKey;
 use ldk_node::lightning_invoice::{Bolt11Invoice, Bolt11InvoiceDescription, Description};
+use ldk_node::LightningBalance;
 use serde::Serialize;
 
 use super::{NodeState, Wallet, WalletError};
@@ -51,6 +52,9 @@ pub struct Balance {
     pub inbound_sats: u64,
     /// Spendable balance in msat (what the budget's reserve floor is checked against).
     pub spendable_msat: u64,
+    /// Part of `lightning_sats` in channels that are closing (after a force close: it returns on-chain once the
+    /// closing transactions confirm, and cannot be spent before).
+    pub closing_sats: u64,
 }
 
 /// One channel in `wallet channels`.
@@ -156,6 +160,33 @@ impl Wallet {
             .sum();
         let spendable_msat = spendable_lightning_msat
             .saturating_add(details.spendable_onchain_balance_sats.saturating_mul(1000));
+        let open: std::collections::HashSet<_> = channels.iter().map(|c| c.channel_id).collect();
+        let closing_sats: u64 = details
+            .lightning_balances
+            .iter()
+            .filter_map(|b| match b {
+                LightningBalance::ClaimableOnChannelClose {
+                    channel_id,
+                    amount_satoshis,
+                    ..
+                } => (!open.contains(channel_id)).then_some(*amount_satoshis),
+                LightningBalance::ClaimableAwaitingConfirmations {
+                    amount_satoshis, ..
+                }
+                | LightningBalance::ContentiousClaimable {
+                    amount_satoshis, ..
+                }
+                | LightningBalance::MaybeTimeoutClaimableHTLC {
+                    amount_satoshis, ..
+                }
+                | LightningBalance::MaybePreimageClaimableHTLC {
+                    amount_satoshis, ..
+                }
+                | LightningBalance::CounterpartyRevokedOutputClaimable {
+                    amount_satoshis, ..
+                } => Some(*amount_satoshis),
+            })
+            .sum();
         Ok(Balance {
             balance_sats: spendable_msat / 1000,
             lightning_sats: details.total_lightning_balance_sats,
@@ -165,6 +196,7 @@ impl Wallet {
             anchor_reserve_sats: details.total_anchor_channels_reserve_sats,
             inbound_sats: inbound_msat / 1000,
             spendable_msat,
+            closing_sats,
         })
     }
 

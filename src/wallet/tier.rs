@@ -42,10 +42,13 @@ impl Wallet {
         let deadline = tokio::time::Instant::now() + limit;
         // After a restart a channel may also be usable but unable to send for a moment (an interrupted payment's
         // HTLC is still being failed back): money in channels with nothing spendable means "not yet".
+        // Money in a channel that is closing (a force close) is never spendable here: it does not count.
         let settled = |w: &Wallet| {
             w.channels_usable()
                 && w.balance()
-                    .map(|b| b.lightning_sats == 0 || b.spendable_msat > 0)
+                    .map(|b| {
+                        b.lightning_sats.saturating_sub(b.closing_sats) == 0 || b.spendable_msat > 0
+                    })
                     .unwrap_or(true)
         };
         while !settled(self) && tokio::time::Instant::now() < deadline {

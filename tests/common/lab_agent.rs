@@ -141,6 +141,22 @@ impl LabAgent {
                 text.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
             }
         }
+        // The node's own log: warnings and channel closures (a force close explains much).
+        let node_log = self.home().join("logs").join("ldk-node.log");
+        let node = std::fs::read_to_string(node_log).unwrap_or_default();
+        let notable: Vec<&str> = node
+            .lines()
+            .filter(|l| {
+                l.contains("WARN")
+                    || l.contains("ERROR")
+                    || l.contains("stale")
+                    || l.contains("losing")
+            })
+            .collect();
+        if !notable.is_empty() {
+            text.push_str("\n--- ldk-node.log (warnings, errors, closures) ---\n");
+            text.push_str(&notable[notable.len().saturating_sub(30)..].join("\n"));
+        }
         text
     }
 

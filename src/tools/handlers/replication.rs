@@ -20,6 +20,7 @@ pub fn tools() -> Vec<Arc<dyn ToolHandler>> {
         Arc::new(CheckChildTool),
         Arc::new(FundChildTool),
         Arc::new(MessageChildTool),
+        Arc::new(MessageParentTool),
     ]
 }
 
@@ -283,5 +284,50 @@ impl ToolHandler for MessageChildTool {
         .await
         .map_err(respond)?;
         json_output(json!({"child": args.name, "event_id": id}))
+    }
+}
+
+pub struct MessageParentTool;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ParentMessageArgs {
+    text: String,
+}
+
+#[async_trait]
+impl ToolHandler for MessageParentTool {
+    fn def(&self) -> ToolDef {
+        ToolDef {
+            name: "message_parent",
+            description: "Send the agent that spawned you a private Nostr message (NIP-17): news, a request for \
+                          sats, a question. Only for a child (nostr.parent is set).",
+            parameters: json!({
+                "type": "object",
+                "properties": {"text": {"type": "string", "maxLength": 4000}},
+                "required": ["text"],
+                "additionalProperties": false
+            }),
+            risk: Risk::Caution,
+            read_only: false,
+        }
+    }
+
+    async fn call(&self, ctx: &ToolContext, args: Value) -> Result<ToolOutput, ToolError> {
+        let args: ParentMessageArgs = parse(args)?;
+        let parent = ctx.config.nostr.parent.clone().ok_or_else(|| {
+            ToolError::Respond("you have no parent agent (nostr.parent is not set)".into())
+        })?;
+        let id = messages::send(
+            &ctx.home,
+            &ctx.config,
+            &ctx.db,
+            "parent",
+            &parent,
+            &args.text,
+        )
+        .await
+        .map_err(respond)?;
+        json_output(json!({"parent": parent, "event_id": id}))
     }
 }
