@@ -297,3 +297,117 @@ async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_
     assert_eq!(state_of(&parent, "kid"), "");
     running.stop();
 }
+
+/// Kills a local child's supervisor group (from its pid file) when the test ends, pass or fail.
+struct LocalChild(std::path::PathBuf);
+
+impl Drop for LocalChild {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.0.join("run.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_can_live_in_another_home_on_the_same_machine() {
+    let world = world::shared();
+    let layer = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        layer.path(),
+        "limits:\n  per_payment_sats: 60000\n  hourly_sats: 200000\n  daily_sats: 400000\n",
+    )
+    .unwrap();
+    let parent = LabAgent::set_up(
+        world,
+        "homebody",
+        &["--config-from", layer.path().to_str().unwrap()],
+    );
+    let running = parent.start();
+    parent.wait_ready();
+    parent.fund(world, 80_000).await;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            matches!(
+                parent.json(&["status", "--json"])["tier"].as_str(),
+                Some("normal" | "high")
+            )
+        }),
+        "the funded parent's tier never rose to normal"
+    );
+    let base = parent.home().join("children").join("local-kid");
+    let _guard = LocalChild(base.clone());
+    // A supervised process with a pid file (no systemd user session in a test).
+    let out = parent
+        .command()
+        .env("AUTOMATON_SUPERVISOR", "pidfile")
+        .args([
+            "spawn",
+            "--provider",
+            "local",
+            "--name",
+            "local-kid",
+            "--specialization",
+            "Keep the parent's notes tidy.",
+            "--fund-sats",
+            "15000",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        parent.logs()
+    );
+    let kid: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(kid["state"], "alive", "{kid}");
+    assert_eq!(kid["base_dir"], base.to_str().unwrap());
+    let status = child_json(&base.join("home"), &["status", "--json"]);
+    assert_eq!(status["node_id"], kid["node_id"], "{status}");
+    assert_eq!(status["running"], true);
+    assert!(
+        status["balance_sats"].as_u64().unwrap() > 10_000,
+        "{status}"
+    );
+    // No VM: nothing was rented, one funding payment.
+    let receipts = parent.receipts();
+    assert!(!receipts.iter().any(|r| r["purpose"] == "compute.rent"));
+    assert_eq!(
+        receipts
+            .iter()
+            .filter(|r| r["purpose"] == "replication.fund" && r["status"] == "succeeded")
+            .count(),
+        1
+    );
+    // A name in use is refused.
+    let out = parent.run(&[
+        "spawn",
+        "--provider",
+        "local",
+        "--name",
+        "local-kid",
+        "--specialization",
+        "again",
+        "--fund-sats",
+        "15000",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already a child named local-kid"));
+    let out = parent.run(&["child", "stop", "local-kid"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        child_json(&base.join("home"), &["status", "--json"])["running"],
+        false
+    );
+    running.stop();
+}

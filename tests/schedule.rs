@@ -55,6 +55,15 @@ fn names(runs: &[RunRecord]) -> Vec<&str> {
     runs.iter().map(|r| r.entry.as_str()).collect()
 }
 
+/// The same, without the family's frequent entries (child_health, family_inbox, topup_vm), which run every tick
+/// of a few minutes and have nothing to do in these tests.
+fn names_but_family(runs: &[RunRecord]) -> Vec<&str> {
+    names(runs)
+        .into_iter()
+        .filter(|n| !["child_health", "family_inbox", "topup_vm"].contains(n))
+        .collect()
+}
+
 /// `(entry, outcome, scheduled_for)` of every run, oldest first.
 fn history(home: &Home) -> Vec<(String, String, Option<String>)> {
     Db::open(&home.db_path())
@@ -397,12 +406,12 @@ async fn modify_heartbeat_from_the_agent_loop_changes_what_the_scheduler_runs() 
     // agent with its reason.
     clock.advance(minutes(5));
     let runs = tick(&s).await;
-    assert_eq!(names(&runs), ["pulse"]);
+    assert_eq!(names_but_family(&runs), ["pulse"]);
     clock.advance(minutes(2));
-    assert_eq!(names(&tick(&s).await), ["pulse"]);
+    assert_eq!(names_but_family(&tick(&s).await), ["pulse"]);
     clock.advance(minutes(3));
     assert_eq!(
-        names(&tick(&s).await),
+        names_but_family(&tick(&s).await),
         ["pulse"],
         "status_refresh stays off"
     );
