@@ -708,7 +708,7 @@ async fn kill_9_in_the_middle_of_a_payment_never_pays_twice() {
             // Nothing spendable until the closed channel's money is back on-chain: funded again (a new JIT
             // channel), the agent goes on. The unpaid invoice is paid now, unless the node still holds its HTLC in
             // the closed channel (then it refuses: that payment ends on-chain).
-            fund(world, &agent, 60_000).await;
+            refund(world, &agent).await;
             if !paid && !in_flight {
                 let again = agent.run(&["wallet", "pay", &bolt11]);
                 eprintln!(
@@ -729,6 +729,44 @@ async fn kill_9_in_the_middle_of_a_payment_never_pays_twice() {
         }
         assert_books_balance(&agent);
     }
+}
+
+/// Funds the agent again after a force close: a small JIT channel from the hub, the creator's payment retried
+/// while the hub's view of the lab's channels catches up (a busy lab can answer RouteNotFound for a moment).
+async fn refund(world: &World, agent: &Agent) {
+    for attempt in 1..=5 {
+        let invoice = agent.json(&[
+            "wallet",
+            "invoice",
+            "10000",
+            "--memo",
+            "funding again after a force close",
+            "--json",
+        ]);
+        let resp = reqwest::Client::new()
+            .post(format!("{}/lab/creator/pay", world.control_url()))
+            .json(&json!({"bolt11": invoice["bolt11"]}))
+            .timeout(Duration::from_secs(90))
+            .send()
+            .await
+            .expect("lab control API");
+        if resp.status().is_success() {
+            let hash = invoice["payment_hash"].as_str().unwrap().to_string();
+            assert!(
+                eventually(Duration::from_secs(60), || receipts(agent).iter().any(
+                    |r| r["payment_hash"] == hash.as_str() && r["status"] == "succeeded"
+                )),
+                "the new funding never became a receipt"
+            );
+            return;
+        }
+        eprintln!(
+            "  funding attempt {attempt} failed: {}",
+            resp.text().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_secs(2 * attempt)).await;
+    }
+    panic!("the creator could not fund the agent again after the force close");
 }
 
 /// The books' invariants: one settled permit of 2,000 sats per succeeded outgoing receipt, one reserved permit per
