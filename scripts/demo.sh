@@ -126,7 +126,7 @@ if [ -n "$(jq -r '.lnvps_url // empty' "$work/lab/lab.json")" ]; then
   $bin/automaton -c limits.per_payment_sats=30000 -c limits.hourly_sats=100000 run >>"$work/agent.log" 2>&1 &
   agent_pid=$!
   $bin/automaton wallet balance --json >/dev/null
-  $bin/automaton spawn --name demo-child --fund-sats 15000 \
+  $bin/automaton -c limits.per_payment_sats=30000 spawn --name demo-child --fund-sats 15000 \
     --specialization "Answer questions about the lab world, for sats."
   echo "==> the family: the child runs on its own VPS with its own node and wallet" >&2
   $bin/automaton children

@@ -114,10 +114,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Maps a replication error to its exit code: refused 2, payment failed 3 (or the control socket's code).
 fn exit(e: ReplicationError, payer: Option<&SocketPayer>) -> anyhow::Error {
+    // The control socket's code when it refused (2) or failed (3) a payment; "no agent running" stays an error.
+    let socket = payer
+        .and_then(|p| p.failure_code())
+        .filter(|c| matches!(c, 2 | 3));
     let code = match &e {
         ReplicationError::Refused(_) => 2,
-        ReplicationError::PaymentFailed(_) => payer.and_then(|p| p.failure_code()).unwrap_or(3),
-        _ => payer.and_then(|p| p.failure_code()).unwrap_or(1),
+        ReplicationError::PaymentFailed(_) => socket.unwrap_or(3),
+        _ => socket.unwrap_or(1),
     };
     ExitError {
         code,
@@ -159,11 +163,23 @@ pub fn spawn(home: &Home, overrides: &[Override], args: SpawnArgs) -> anyhow::Re
         };
         let result = spawner.drive(&child.name).await;
         spinner.finish_and_clear();
+        let funded = replication::get(&db, &args.name)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|c| !c.state.is_spawning());
         let child = result.map_err(|e| {
-            let resume = format!(
-                "{e}\n(run the same `automaton spawn --name {}` again to resume; the running agent also resumes it)",
-                args.name
-            );
+            let resume = if funded {
+                format!(
+                    "{e}\n(the child is funded; the running agent keeps checking it: `automaton child show {}`)",
+                    args.name
+                )
+            } else {
+                format!(
+                    "{e}\n(run the same `automaton spawn --name {}` again to resume; the running agent also resumes it)",
+                    args.name
+                )
+            };
             exit(
                 match e {
                     ReplicationError::Refused(m) => ReplicationError::Refused(m),
@@ -309,8 +325,8 @@ fn line(v: &Value) -> String {
             .unwrap_or_else(|| "?".into()),
         v["node_id"]
             .as_str()
-            .map(|n| &n[..n.len().min(16)])
-            .unwrap_or("-"),
+            .map(|n| n.chars().take(16).collect::<String>())
+            .unwrap_or_else(|| "-".into()),
         v["vm_id"]
             .as_u64()
             .map(|id| format!("VM {id}"))

@@ -598,7 +598,11 @@ pub async fn renew_due(
         .await
         .map_err(state_error)?;
     let mut lines = Vec::new();
-    for vm in due.into_iter().filter(|vm| !children_vms.contains(&vm.id)) {
+    // A VM never paid for (a rent interrupted before paying) is not renewed: it lapses on its own.
+    for vm in due
+        .into_iter()
+        .filter(|vm| !children_vms.contains(&vm.id) && !vm.payments.is_empty())
+    {
         if !afford {
             manager.release(vm.id).await?;
             lines.push(format!(
@@ -712,7 +716,8 @@ impl VmManager {
         self.wait_running(id, progress).await
     }
 
-    /// Whether VM `id` has been paid for at least once (a payment recorded, or a paid-until date ahead).
+    /// Whether a payment for VM `id` is recorded. A payment made but not recorded yet (a crash in between) is
+    /// found by `pay_renewal` through the stored invoice, and settled without paying again.
     pub async fn is_paid(&self, id: u64) -> Result<bool, ComputeError> {
         let recorded = self
             .db
@@ -725,15 +730,7 @@ impl VmManager {
             })
             .await
             .map_err(state_error)?;
-        if recorded > 0 {
-            return Ok(true);
-        }
-        let vm = self.client.vm(id).await?;
-        Ok(vm
-            .expires
-            .as_deref()
-            .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
-            .is_some_and(|e| e > chrono::Utc::now() + chrono::Duration::seconds(60)))
+        Ok(recorded > 0)
     }
 
     /// Creates a VM (unpaid) and records it; returns its id. `rent` pays for it next; a caller that must survive
@@ -839,6 +836,13 @@ impl VmManager {
             // paid again; an unpaid one is paid unless it expired.
             Some(pid) => match self.client.payment(&pid).await {
                 Ok(p) if p.is_paid || !invoice_expired(&p) => p,
+                // Expired: a new invoice, unless our payment of the old one is still in flight (it may yet
+                // succeed; paying a second invoice then would pay twice).
+                _ if self.in_flight(&pid).await? => {
+                    return Err(remote(format!(
+                        "the payment of VM {id}'s invoice {pid} is still in flight; asking again later settles it"
+                    )))
+                }
                 _ => self.client.renew(id, intervals.max(1)).await?,
             },
             None => self.client.renew(id, intervals.max(1)).await?,
@@ -870,6 +874,23 @@ impl VmManager {
             .map_err(state_error)?;
         progress(&format!("LNVPS confirmed payment of VM {id}"));
         Ok(payment)
+    }
+
+    /// Whether this agent's payment with hash `hash` is pending in its books.
+    async fn in_flight(&self, hash: &str) -> Result<bool, ComputeError> {
+        let hash = hash.to_string();
+        let pending = self
+            .db
+            .call(move |c| {
+                c.query_row(
+                    "SELECT count(*) FROM receipts WHERE payment_hash = ?1 AND direction = 'out' AND status = 'pending'",
+                    [hash],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .await
+            .map_err(state_error)?;
+        Ok(pending > 0)
     }
 
     /// Upgrades VM `id` to `spec` (`{cpu?, memory?, disk?}`): pays the difference through the gate.

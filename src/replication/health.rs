@@ -56,7 +56,8 @@ pub async fn check(
         set(db, name, "last_seen_at", now_rfc3339().into()).await?;
     }
     let balance = seen.balance_sats.or(child.balance_sats);
-    let next = if seen.card_status.as_deref() == Some("dead") {
+    // A child that still runs but says it is dead (out of money) is alive to its parent, which may fund it.
+    let next = if seen.card_status.as_deref() == Some("dead") && !seen.seen {
         ChildState::Dead
     } else if seen.seen {
         if child.state == ChildState::Funded && balance.unwrap_or(0) == 0 {
@@ -65,10 +66,16 @@ pub async fn check(
             ChildState::Alive
         }
     } else {
+        // Silent since it was last seen, or (never seen) since its last state change.
+        let last_change = super::transitions(db, name)
+            .await?
+            .last()
+            .map(|t| t.at.clone());
         let since = child
             .last_seen_at
+            .clone()
+            .or(last_change)
             .as_deref()
-            .or(Some(child.updated_at.as_str()))
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|t| (now - t.with_timezone(&Utc)).num_seconds().max(0) as u64)
             .unwrap_or(0);
@@ -86,7 +93,7 @@ pub async fn check(
         let detail = match next {
             ChildState::Alive => Some(format!("balance {} sats", balance.unwrap_or(0))),
             ChildState::Dead if seen.card_status.as_deref() == Some("dead") => {
-                Some("its card says dead".into())
+                Some("silent, and its card says dead".into())
             }
             ChildState::Unhealthy | ChildState::Dead => Some("silent".into()),
             _ => None,

@@ -99,7 +99,7 @@ impl ChildState {
             (CleanedUp, _) => false,
             (_, CleanedUp) => matches!(self, Dead | Failed),
             (_, Failed) => self != Failed,
-            (Alive, Unhealthy) | (Unhealthy, Alive) => true,
+            (Alive | Funded, Unhealthy) | (Unhealthy, Alive) => true,
             (Alive | Unhealthy | Funded, Dead) => true,
             (Funded, Alive) => true,
             (Dead, Alive) => true,
@@ -318,7 +318,8 @@ pub(crate) async fn set(
 ) -> Result<(), StateError> {
     debug_assert!(matches!(
         column,
-        "vm_id"
+        "attempts"
+            | "vm_id"
             | "base_dir"
             | "http_url"
             | "node_id"
@@ -343,8 +344,9 @@ pub(crate) async fn set(
 }
 
 /// Takes the lease on a spawn for this process: refused while another live process holds it. A lease held by a
-/// dead process (a killed `automaton spawn`, a crashed agent) is taken over.
-pub(crate) async fn take_lease(db: &Db, name: &str) -> Result<(), ReplicationError> {
+/// dead process (a killed `automaton spawn`, a crashed agent) is taken over. Dropping the returned lease (even
+/// when a timeout drops the spawn's future) frees it within this process.
+pub(crate) async fn take_lease(db: &Db, name: &str) -> Result<Lease, ReplicationError> {
     // Within this process: one driver per child (the spawn tool's task and the heartbeat share a pid).
     if !in_process()
         .lock()
@@ -352,17 +354,37 @@ pub(crate) async fn take_lease(db: &Db, name: &str) -> Result<(), ReplicationErr
         .insert(name.to_string())
     {
         return Err(ReplicationError::Refused(format!(
-            "the spawn of {name} is already under way in this process"
+            "the spawn of {name} is already under way in this process (see `automaton child show {name}`)"
         )));
     }
-    let taken = take_db_lease(db, name).await;
-    if taken.is_err() {
+    let lease = Lease {
+        db: db.clone(),
+        name: name.to_string(),
+    };
+    take_db_lease(db, name).await?;
+    Ok(lease)
+}
+
+/// A spawn's lease, held while one worker drives it.
+pub(crate) struct Lease {
+    db: Db,
+    name: String,
+}
+
+impl Lease {
+    /// Frees the lease in the database too.
+    pub(crate) async fn release(self) {
+        let _ = release_lease(&self.db, &self.name).await;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
         in_process()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+            .remove(&self.name);
     }
-    taken
 }
 
 fn in_process() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
@@ -372,6 +394,7 @@ fn in_process() -> &'static std::sync::Mutex<std::collections::HashSet<String>> 
 }
 
 async fn take_db_lease(db: &Db, name: &str) -> Result<(), ReplicationError> {
+    let name_shown = name.to_string();
     let name = name.to_string();
     let me = std::process::id() as i64;
     let holder = db
@@ -398,17 +421,14 @@ async fn take_db_lease(db: &Db, name: &str) -> Result<(), ReplicationError> {
         .await?;
     match holder {
         Some(pid) => Err(ReplicationError::Refused(format!(
-            "process {pid} is working on this spawn right now"
+            "process {pid} (an `automaton spawn` or the running agent) is working on the spawn of {name_shown} \
+             right now; follow it with `automaton child show {name_shown}`"
         ))),
         None => Ok(()),
     }
 }
 
-pub(crate) async fn release_lease(db: &Db, name: &str) -> Result<(), StateError> {
-    in_process()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(name);
+async fn release_lease(db: &Db, name: &str) -> Result<(), StateError> {
     let name = name.to_string();
     let me = std::process::id() as i64;
     db.call(move |c| {

@@ -219,12 +219,14 @@ const START_SCRIPT: &str = r#"base=@BASE@; unit=@UNIT@
 bin="$base/bin/automaton"; log="$base/run.log"; pidfile="$base/run.pid"
 if [ -z "$AUTOMATON_SUPERVISOR" ] && command -v systemctl >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1; then
   mkdir -p "$HOME/.config/systemd/user"
+  # systemd reads `%` as a specifier and splits on spaces: escape and quote the paths.
+  ubase=$(printf '%s' "$base" | sed 's/%/%%/g'); ubin=$(printf '%s' "$bin" | sed 's/%/%%/g')
   cat > "$HOME/.config/systemd/user/$unit" <<UNIT
 [Unit]
-Description=automaton agent in $base
+Description=automaton agent in $ubase
 [Service]
-Environment=AUTOMATON_HOME=$base/home
-ExecStart=$bin run
+Environment="AUTOMATON_HOME=$ubase/home"
+ExecStart="$ubin" run
 Restart=always
 RestartSec=5
 [Install]

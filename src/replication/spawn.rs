@@ -123,8 +123,8 @@ pub async fn request(
             return Ok(existing);
         }
         return Err(ReplicationError::Refused(format!(
-            "there is already a child named {} ({}); pick another name, or `automaton child prune {}` first",
-            req.name, existing.state, req.name
+            "there is already a child named {} ({}); pick another name",
+            req.name, existing.state
         )));
     }
     if !PROVIDERS.contains(&req.provider.as_str()) {
@@ -146,6 +146,12 @@ pub async fn request(
     if living >= max {
         return Err(ReplicationError::Refused(format!(
             "{living} child(ren) alive or being spawned; replication.max_children is {max}"
+        )));
+    }
+    if req.fund_sats > config.limits.per_payment_sats {
+        return Err(ReplicationError::Refused(format!(
+            "{} sats is above limits.per_payment_sats ({}): the funding payment would be refused",
+            req.fund_sats, config.limits.per_payment_sats
         )));
     }
     if req.fund_sats < config.replication.min_fund_sats {
@@ -191,13 +197,19 @@ impl Spawner<'_> {
     /// Runs the steps the child still needs, up to `alive` (or `funded` when it has not shown its balance yet).
     /// Holds the spawn's lease meanwhile; a failure is recorded on the child and counted.
     pub async fn drive(&self, name: &str) -> Result<Child, ReplicationError> {
-        super::take_lease(self.db, name).await?;
+        let lease = super::take_lease(self.db, name).await?;
         let result = self.steps(name).await;
-        let _ = super::release_lease(self.db, name).await;
-        if let Err(e) = &result {
-            if !matches!(e, ReplicationError::Refused(_)) {
-                self.record_failure(name, &e.to_string()).await?;
+        lease.release().await;
+        match &result {
+            // Only a step that broke counts towards giving up: a refusal by the budget or a payment that failed or
+            // is still in flight is retried as it is (its invoice stays stored).
+            Err(e @ ReplicationError::Failed(_)) => {
+                self.record_failure(name, &e.to_string()).await?
             }
+            Err(e) => {
+                set(self.db, name, "last_error", e.to_string().into()).await?;
+            }
+            Ok(_) => {}
         }
         result
     }
@@ -220,7 +232,8 @@ impl Spawner<'_> {
             .await?;
         if attempts as u32 >= MAX_ATTEMPTS {
             let child = super::require(self.db, name).await?;
-            if child.state.is_spawning() {
+            // Once a funding invoice exists its payment may be in flight: the child is never given up then.
+            if child.state.is_spawning() && child.fund_invoice.is_none() {
                 transition(
                     self.db,
                     name,
@@ -233,11 +246,23 @@ impl Spawner<'_> {
         Ok(())
     }
 
+    /// A spawn step done: recorded, and the count of failed attempts starts again.
+    async fn advance(
+        &self,
+        name: &str,
+        next: ChildState,
+        detail: Option<String>,
+    ) -> Result<(), ReplicationError> {
+        transition(self.db, name, next, detail).await?;
+        set(self.db, name, "attempts", 0i64.into()).await?;
+        Ok(())
+    }
+
     async fn steps(&self, name: &str) -> Result<Child, ReplicationError> {
         let mut child = super::require(self.db, name).await?;
         if child.state == ChildState::Requested {
             self.provision(&child).await?;
-            transition(self.db, name, ChildState::Provisioned, None).await?;
+            self.advance(name, ChildState::Provisioned, None).await?;
             child = super::require(self.db, name).await?;
         }
         if !child.state.is_spawning() && child.state != ChildState::Funded {
@@ -246,19 +271,13 @@ impl Spawner<'_> {
         let site = site::open(self.home, self.config, self.db, &child).await?;
         if child.state == ChildState::Provisioned {
             let sum = site.install(self.progress).await?;
-            transition(
-                self.db,
-                name,
-                ChildState::Installed,
-                Some(format!("sha256 {sum}")),
-            )
-            .await?;
+            self.advance(name, ChildState::Installed, Some(format!("sha256 {sum}")))
+                .await?;
             child.state = ChildState::Installed;
         }
         if child.state == ChildState::Installed {
             let (node_id, npub) = self.configure(&child, &site).await?;
-            transition(
-                self.db,
+            self.advance(
                 name,
                 ChildState::Configured,
                 Some(format!("node {node_id}, {npub}")),
@@ -270,13 +289,12 @@ impl Spawner<'_> {
             (self.progress)("starting the child's agent");
             let how = site.start().await?;
             self.wait_running(&site).await?;
-            transition(self.db, name, ChildState::Started, Some(how)).await?;
+            self.advance(name, ChildState::Started, Some(how)).await?;
             child.state = ChildState::Started;
         }
         if child.state == ChildState::Started {
             let hash = self.fund(&child, &site).await?;
-            transition(
-                self.db,
+            self.advance(
                 name,
                 ChildState::Funded,
                 Some(format!("{} sats, payment {hash}", child.fund_sats)),

@@ -140,12 +140,25 @@ async fn pay(
     ))
 }
 
-/// Records `topup_secs` more of paid time and forgets the pending invoice.
+/// Records `topup_secs` more of paid time and forgets the pending invoice, in one transaction (a crash between
+/// the two would count the top-up twice).
 async fn extend(db: &Db, paid_until: DateTime<Utc>, secs: u64) -> Result<String, ReplicationError> {
-    let until = (paid_until.max(Utc::now()) + chrono::Duration::seconds(secs as i64))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    kv_put(db, PAID_UNTIL_KEY, Some(until.clone())).await?;
-    kv_put(db, PENDING_KEY, None).await?;
+    let secs = chrono::Duration::try_seconds(secs.min(i64::MAX as u64 / 1000) as i64)
+        .unwrap_or_else(|| chrono::Duration::days(3650));
+    let until =
+        (paid_until.max(Utc::now()) + secs).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let value = until.clone();
+    db.call(move |c| {
+        let tx = c.unchecked_transaction()?;
+        tx.execute(
+            "INSERT INTO kv (key, value, updated_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            params![PAID_UNTIL_KEY, value, now_rfc3339()],
+        )?;
+        tx.execute("DELETE FROM kv WHERE key = ?1", [PENDING_KEY])?;
+        tx.commit()
+    })
+    .await?;
     Ok(until)
 }
 
