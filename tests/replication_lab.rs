@@ -199,13 +199,15 @@ async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_
         }),
         "the child never topped up its VM"
     );
+    // The double extended the VM by the top-up: paid until well past the one period (600 s in the lab) the
+    // parent's rent bought.
+    let rent_at =
+        chrono::DateTime::parse_from_rfc3339(rent[0]["created_at"].as_str().unwrap()).unwrap();
     let later = lab_get(world, &format!("/lab/lnvps/vm/{vm_id}")).await;
-    let parse = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
+    let expires = chrono::DateTime::parse_from_rfc3339(later["expires"].as_str().unwrap()).unwrap();
     assert!(
-        parse(later["expires"].as_str().unwrap_or_default()) > parse(&expires_before)
-            || expires_before.is_empty(),
-        "{expires_before} -> {}",
-        later["expires"]
+        (expires - rent_at).num_seconds() > 900,
+        "rented at {rent_at}, paid until {expires} (before the child's top-up: {expires_before})"
     );
 
     // A private message from the parent reaches the child's loop, from `parent`, not as its creator.
