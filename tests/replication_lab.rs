@@ -413,3 +413,79 @@ async fn a_child_can_live_in_another_home_on_the_same_machine() {
     );
     running.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_can_live_on_a_machine_reached_over_ssh() {
+    let world = world::shared();
+    let layer = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        layer.path(),
+        "limits:\n  per_payment_sats: 60000\n  hourly_sats: 200000\n  daily_sats: 400000\n",
+    )
+    .unwrap();
+    let parent = LabAgent::set_up(
+        world,
+        "sshparent",
+        &["--config-from", layer.path().to_str().unwrap()],
+    );
+    let running = parent.start();
+    parent.wait_ready();
+    parent.fund(world, 100_000).await;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            matches!(
+                parent.json(&["status", "--json"])["tier"].as_str(),
+                Some("normal" | "high")
+            )
+        }),
+        "the funded parent's tier never rose to normal"
+    );
+    // A machine the parent can SSH into (its host key pinned): here a VM it rents itself.
+    let vm = parent.json(&["vps", "create", "--json"]);
+    let (ip, user) = (
+        vm["ip"].as_str().unwrap().to_string(),
+        vm["user"].as_str().unwrap().to_string(),
+    );
+    let kid = parent.json(&[
+        "-c",
+        &format!("compute.ssh.host={ip}"),
+        "-c",
+        &format!("compute.ssh.user={user}"),
+        "spawn",
+        "--provider",
+        "ssh",
+        "--name",
+        "ssh-kid",
+        "--specialization",
+        "Watch the lab's chain.",
+        "--fund-sats",
+        "15000",
+        "--json",
+    ]);
+    assert_eq!(kid["state"], "alive", "{kid}");
+    let base = kid["base_dir"].as_str().unwrap().to_string();
+    assert!(base.ends_with("/automaton-children/ssh-kid"), "{base}");
+    let status = child_json(
+        &std::path::Path::new(&base).join("home"),
+        &["status", "--json"],
+    );
+    assert_eq!(status["node_id"], kid["node_id"], "{status}");
+    assert_eq!(status["running"], true);
+    // The child keeps its machine: without the -c flags, the parent still reaches it.
+    let shown = parent.json(&["child", "show", "ssh-kid", "--json"]);
+    assert_eq!(shown["state"], "alive", "{shown}");
+    let out = parent.run(&["child", "stop", "ssh-kid"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        child_json(
+            &std::path::Path::new(&base).join("home"),
+            &["status", "--json"]
+        )["running"],
+        false
+    );
+    running.stop();
+}

@@ -125,6 +125,8 @@ pub struct Child {
     pub genesis: String,
     pub fund_sats: u64,
     pub template: Option<String>,
+    /// For an SSH child: the machine as configured when it was spawned (JSON).
+    pub target: Option<String>,
     pub vm_id: Option<u64>,
     pub base_dir: Option<String>,
     pub http_url: Option<String>,
@@ -175,7 +177,7 @@ impl From<crate::compute::ComputeError> for ReplicationError {
 
 const COLUMNS: &str = "name, state, provider, specialization, genesis, fund_sats, template, vm_id, base_dir, \
                        http_url, node_id, npub, balance_sats, card_status, fund_invoice, fund_payment_hash, \
-                       funded_sats, last_seen_at, last_error, created_at, updated_at";
+                       funded_sats, last_seen_at, last_error, created_at, updated_at, target";
 
 fn row_to_child(r: &rusqlite::Row<'_>) -> rusqlite::Result<Child> {
     let state: String = r.get(1)?;
@@ -202,6 +204,7 @@ fn row_to_child(r: &rusqlite::Row<'_>) -> rusqlite::Result<Child> {
         last_error: r.get(18)?,
         created_at: r.get(19)?,
         updated_at: r.get(20)?,
+        target: r.get(21)?,
     })
 }
 

@@ -291,6 +291,23 @@ pub async fn provider_for(
             local_base(home, &child.name),
             &[],
         )?)),
+        "ssh" if child.target.is_some() => {
+            let t: Value =
+                serde_json::from_str(child.target.as_deref().unwrap_or("{}")).map_err(|e| {
+                    ReplicationError::Failed(format!("child {}'s SSH target: {e}", child.name))
+                })?;
+            let target = crate::compute::ssh::SshTarget {
+                host: t["host"].as_str().unwrap_or_default().to_string(),
+                port: t["port"].as_u64().unwrap_or(22) as u16,
+                user: t["user"].as_str().unwrap_or("root").to_string(),
+                key_path: PathBuf::from(t["key_path"].as_str().unwrap_or_default()),
+                known_hosts: home.ssh_dir().join("known_hosts"),
+            };
+            Ok(Arc::new(crate::compute::ssh::SshCompute::new(
+                target,
+                crate::compute::ssh::SshOptions::default(),
+            )?))
+        }
         kind @ ("ssh" | "conway") => {
             let mut config = config.clone();
             config.compute.provider = kind.to_string();

@@ -160,6 +160,25 @@ pub async fn request(
             req.fund_sats, config.replication.min_fund_sats
         )));
     }
+    // An SSH child keeps the machine it was spawned on, whatever compute.ssh says later.
+    let target = if req.provider == "ssh" {
+        let c = &config.compute.ssh;
+        let host = c.host.clone().filter(|h| !h.trim().is_empty()).ok_or_else(|| {
+            ReplicationError::Refused(
+                "--provider ssh needs compute.ssh.host (and user, key_path) in the config or -c".into(),
+            )
+        })?;
+        let key_path = if c.key_path.is_relative() {
+            home.root().join(&c.key_path)
+        } else {
+            c.key_path.clone()
+        };
+        Some(
+            json!({"host": host, "port": c.port, "user": c.user, "key_path": key_path}).to_string(),
+        )
+    } else {
+        None
+    };
     let npub = crate::nostr::keys::agent_keys(home)
         .map(|k| crate::nostr::npub(&k.public_key()))
         .map_err(|e| {
@@ -171,8 +190,8 @@ pub async fn request(
     db.call(move |c| {
         let tx = c.unchecked_transaction()?;
         tx.execute(
-            "INSERT INTO children (name, state, provider, specialization, genesis, fund_sats, template, \
-             created_at, updated_at) VALUES (?1, 'requested', ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            "INSERT INTO children (name, state, provider, specialization, genesis, fund_sats, template, target, \
+             created_at, updated_at) VALUES (?1, 'requested', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
             params![
                 r.name,
                 r.provider,
@@ -180,6 +199,7 @@ pub async fn request(
                 genesis,
                 r.fund_sats as i64,
                 r.template,
+                target,
                 now
             ],
         )?;

@@ -9,6 +9,7 @@ CREATE TABLE children (
   genesis TEXT NOT NULL,          -- the child's genesis prompt, as validated at request time
   fund_sats INTEGER NOT NULL,
   template TEXT,                  -- LNVPS template asked for
+  target TEXT,                    -- ssh: the host as configured at spawn ({host, port, user, key_path}, JSON)
   vm_id INTEGER,                  -- LNVPS VM, recorded as soon as it exists (before it is paid)
   base_dir TEXT,                  -- the child's directory on its machine: bin/automaton and home/
   http_url TEXT,                  -- the child's HTTP face, as configured
