@@ -248,11 +248,7 @@ pub fn provider_from_config(
                         "compute.provider is ssh but compute.ssh.host is not set".to_string(),
                     )
                 })?;
-            let key_path = if c.key_path.is_relative() {
-                home.root().join(&c.key_path)
-            } else {
-                c.key_path.clone()
-            };
+            let key_path = c.key_path_in(home);
             let target = ssh::SshTarget {
                 host,
                 port: c.port,

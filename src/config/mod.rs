@@ -280,6 +280,17 @@ pub struct SshConfig {
     pub workdir: Option<PathBuf>,
 }
 
+impl SshConfig {
+    /// The private key's path, a relative one taken from the agent's home.
+    pub fn key_path_in(&self, home: &Home) -> PathBuf {
+        if self.key_path.is_relative() {
+            home.root().join(&self.key_path)
+        } else {
+            self.key_path.clone()
+        }
+    }
+}
+
 impl Default for SshConfig {
     fn default() -> Self {
         SshConfig {

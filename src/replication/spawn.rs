@@ -168,11 +168,7 @@ pub async fn request(
                 "--provider ssh needs compute.ssh.host (and user, key_path) in the config or -c".into(),
             )
         })?;
-        let key_path = if c.key_path.is_relative() {
-            home.root().join(&c.key_path)
-        } else {
-            c.key_path.clone()
-        };
+        let key_path = c.key_path_in(home);
         Some(
             json!({"host": host, "port": c.port, "user": c.user, "key_path": key_path}).to_string(),
         )
