@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use automaton_lab::world;
-use common::lab_agent::{eventually, lab_get, LabAgent};
+use common::lab_agent::{eventually, lab_get, LabAgent, RunningAgent};
 use serde_json::Value;
 
 fn child_named(agent: &LabAgent, name: &str) -> Option<Value> {
@@ -46,35 +46,26 @@ fn child_json(child_home: &std::path::Path, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_die() {
-    let world = world::shared();
-    // Limits that let it rent and fund a child, quick health verdicts, one child at most; the child tops up its VM
-    // as soon as it runs (a lab "month" is 600 s).
-    let layer = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        layer.path(),
-        "limits:\n  per_payment_sats: 60000\n  hourly_sats: 200000\n  daily_sats: 400000\n\
-         replication:\n  max_children: 1\n  unhealthy_after_secs: 15\n  dead_after_secs: 30\n\
-         compute:\n  lnvps:\n    renew_lead_secs: 600\n",
-    )
-    .unwrap();
-    let parent = LabAgent::set_up(
-        world,
-        "parent",
-        &["--config-from", layer.path().to_str().unwrap()],
-    );
-    let heartbeat_path = parent.home().join("heartbeat.yaml");
-    let heartbeat = std::fs::read_to_string(&heartbeat_path).unwrap().replace(
-        "  - name: child_health\n    every: 30s",
-        "  - name: child_health\n    every: 3s",
-    );
-    assert!(heartbeat.contains("every: 3s"));
-    std::fs::write(&heartbeat_path, heartbeat).unwrap();
+/// Limits that let a parent rent and fund a child.
+const PARENT_LIMITS: &str =
+    "limits:\n  per_payment_sats: 60000\n  hourly_sats: 200000\n  daily_sats: 400000\n";
 
+/// A parent set up against the lab with `PARENT_LIMITS` and `extra` (YAML) layered over its config.
+fn parent_with(world: &world::World, name: &str, extra: &str) -> LabAgent {
+    let layer = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(layer.path(), format!("{PARENT_LIMITS}{extra}")).unwrap();
+    LabAgent::set_up(
+        world,
+        name,
+        &["--config-from", layer.path().to_str().unwrap()],
+    )
+}
+
+/// Starts `parent`, funds it with `sats` and waits until its tier allows spawning.
+async fn start_funded(world: &world::World, parent: &LabAgent, sats: u64) -> RunningAgent {
     let running = parent.start();
     parent.wait_ready();
-    parent.fund(world, 150_000).await;
+    parent.fund(world, sats).await;
     assert!(
         eventually(Duration::from_secs(30), || {
             matches!(
@@ -84,6 +75,29 @@ async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_
         }),
         "the funded parent's tier never rose to normal"
     );
+    running
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parent_spawns_a_funded_child_on_a_rented_vps_and_watches_it_live_and_die() {
+    let world = world::shared();
+    // Limits that let it rent and fund a child, quick health verdicts, one child at most; the child tops up its VM
+    // as soon as it runs (a lab "month" is 600 s).
+    let parent = parent_with(
+        world,
+        "parent",
+        "replication:\n  max_children: 1\n  unhealthy_after_secs: 15\n  dead_after_secs: 30\n\
+         compute:\n  lnvps:\n    renew_lead_secs: 600\n",
+    );
+    let heartbeat_path = parent.home().join("heartbeat.yaml");
+    let heartbeat = std::fs::read_to_string(&heartbeat_path).unwrap().replace(
+        "  - name: child_health\n    every: 30s",
+        "  - name: child_health\n    every: 3s",
+    );
+    assert!(heartbeat.contains("every: 3s"));
+    std::fs::write(&heartbeat_path, heartbeat).unwrap();
+
+    let running = start_funded(world, &parent, 150_000).await;
 
     // Spawn from the CLI; kill the parent (and the spawn) once the child's VM is rented and paid (while its binary
     // is being copied). A kill during the funding payment itself can make LDK force-close the parent's channel on
@@ -339,29 +353,8 @@ impl Drop for LocalChild {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_child_can_live_in_another_home_on_the_same_machine() {
     let world = world::shared();
-    let layer = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        layer.path(),
-        "limits:\n  per_payment_sats: 60000\n  hourly_sats: 200000\n  daily_sats: 400000\n",
-    )
-    .unwrap();
-    let parent = LabAgent::set_up(
-        world,
-        "homebody",
-        &["--config-from", layer.path().to_str().unwrap()],
-    );
-    let running = parent.start();
-    parent.wait_ready();
-    parent.fund(world, 80_000).await;
-    assert!(
-        eventually(Duration::from_secs(30), || {
-            matches!(
-                parent.json(&["status", "--json"])["tier"].as_str(),
-                Some("normal" | "high")
-            )
-        }),
-        "the funded parent's tier never rose to normal"
-    );
+    let parent = parent_with(world, "homebody", "");
+    let running = start_funded(world, &parent, 80_000).await;
     let base = parent.home().join("children").join("local-kid");
     let _guard = LocalChild(base.clone());
     // A supervised process with a pid file (no systemd user session in a test).
@@ -438,29 +431,8 @@ async fn a_child_can_live_in_another_home_on_the_same_machine() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_child_can_live_on_a_machine_reached_over_ssh() {
     let world = world::shared();
-    let layer = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        layer.path(),
-        "limits:\n  per_payment_sats: 60000\n  hourly_sats: 200000\n  daily_sats: 400000\n",
-    )
-    .unwrap();
-    let parent = LabAgent::set_up(
-        world,
-        "sshparent",
-        &["--config-from", layer.path().to_str().unwrap()],
-    );
-    let running = parent.start();
-    parent.wait_ready();
-    parent.fund(world, 100_000).await;
-    assert!(
-        eventually(Duration::from_secs(30), || {
-            matches!(
-                parent.json(&["status", "--json"])["tier"].as_str(),
-                Some("normal" | "high")
-            )
-        }),
-        "the funded parent's tier never rose to normal"
-    );
+    let parent = parent_with(world, "sshparent", "");
+    let running = start_funded(world, &parent, 100_000).await;
     // A machine the parent can SSH into (its host key pinned): here a VM it rents itself.
     let vm = parent.json(&["vps", "create", "--json"]);
     let (ip, user) = (

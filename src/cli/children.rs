@@ -209,7 +209,7 @@ pub fn children(home: &Home, args: ChildrenArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         let value = serde_json::to_value(&list)?;
-        print(args.json, &value, line)
+        super::print_lines(args.json, &value, line)
     })
 }
 
@@ -276,7 +276,7 @@ pub fn child(home: &Home, overrides: &[Override], args: ChildArgs) -> anyhow::Re
                 )
                 .await
                 .map_err(|e| exit(e, None))?;
-                print(a.json, &json!({"child": a.name, "event_id": id}), |v| {
+                super::print_lines(a.json, &json!({"child": a.name, "event_id": id}), |v| {
                     format!(
                         "sent to {} (event {})",
                         a.name,
@@ -289,7 +289,7 @@ pub fn child(home: &Home, overrides: &[Override], args: ChildArgs) -> anyhow::Re
                 let hash = health::fund(home, &config, &db, &a.name, a.sats, &payer)
                     .await
                     .map_err(|e| exit(e, Some(&payer)))?;
-                print(
+                super::print_lines(
                     a.json,
                     &json!({"child": a.name, "amount_sats": a.sats, "payment_hash": hash}),
                     |_| format!("sent {} sats to {} (payment {hash})", a.sats, a.name),
@@ -299,7 +299,7 @@ pub fn child(home: &Home, overrides: &[Override], args: ChildArgs) -> anyhow::Re
                 health::stop(home, &config, &db, &a.name)
                     .await
                     .map_err(|e| exit(e, None))?;
-                print(a.json, &json!({"child": a.name, "stopped": true}), |_| {
+                super::print_lines(a.json, &json!({"child": a.name, "stopped": true}), |_| {
                     format!("{} stopped", a.name)
                 })
             }
@@ -335,18 +335,5 @@ fn line(v: &Value) -> String {
 }
 
 fn print_child(json: bool, value: &Value) -> anyhow::Result<()> {
-    print(json, value, line)
-}
-
-/// `--json`: one document; otherwise one line per element (or the one value).
-fn print(json: bool, value: &Value, line: impl Fn(&Value) -> String) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
-        return Ok(());
-    }
-    match value.as_array() {
-        Some(list) => list.iter().for_each(|v| println!("{}", line(v))),
-        None => println!("{}", line(value)),
-    }
-    Ok(())
+    super::print_lines(json, value, line)
 }

@@ -175,6 +175,23 @@ pub(crate) fn spinner(message: &str) -> indicatif::ProgressBar {
     }
 }
 
+/// `--json`: one document on stdout; otherwise one line per element of a list (or for the one value).
+pub(crate) fn print_lines(
+    json: bool,
+    value: &serde_json::Value,
+    line: impl Fn(&serde_json::Value) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+        return Ok(());
+    }
+    match value.as_array() {
+        Some(list) => list.iter().for_each(|v| println!("{}", line(v))),
+        None => println!("{}", line(value)),
+    }
+    Ok(())
+}
+
 pub(crate) fn init_stderr_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

@@ -137,7 +137,7 @@ async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> 
                     "price_sats": sats,
                 }));
             }
-            print(a.json, &Value::Array(rows), |v| {
+            super::print_lines(a.json, &Value::Array(rows), |v| {
                 format!(
                     "{:>4}  {:<16} {} cpu  {:>5} MiB  {:>6} GiB  {:>8} sats / {}  ({})",
                     v["id"],
@@ -156,7 +156,7 @@ async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> 
         }
         VpsCommand::Images(a) => {
             let images = serde_json::to_value(client.images().await?)?;
-            print(a.json, &images, |v| {
+            super::print_lines(a.json, &images, |v| {
                 format!(
                     "{:>4}  {} {} {}  (user {})",
                     v["id"],
@@ -205,7 +205,7 @@ async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> 
                 eprintln!("no VMs rented");
                 return Ok(());
             }
-            print(a.json, &value, |v| {
+            super::print_lines(a.json, &value, |v| {
                 format!(
                     "{:>6}  {:<9} {:<15} expires {}  {} / {}",
                     v["id"],
@@ -256,7 +256,7 @@ async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> 
             })?;
             let vm = manager.client().vm(a.id).await?;
             let value = json!({"id": a.id, "expires": vm.expires, "state": vm.status.state});
-            print(a.json, &value, |v| {
+            super::print_lines(a.json, &value, |v| {
                 format!(
                     "VM {} renewed; expires {}",
                     v["id"],
@@ -298,7 +298,7 @@ async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> 
             let spec = Value::Object(spec);
             if a.quote {
                 let quote = client.upgrade_quote(a.id, &spec).await?;
-                return print(a.json, &quote, |v| {
+                return super::print_lines(a.json, &quote, |v| {
                     format!(
                         "upgrade now: {} {}; each renewal after: {} {}",
                         v["cost_difference"]["amount"],
@@ -321,7 +321,7 @@ async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> 
             })?;
             let value =
                 json!({"id": a.id, "payment_hash": paid.id, "paid_msat": paid.amount + paid.tax});
-            print(a.json, &value, |v| {
+            super::print_lines(a.json, &value, |v| {
                 format!(
                     "VM {} upgraded (payment {})",
                     v["id"],
@@ -331,7 +331,7 @@ async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> 
         }
         VpsCommand::Destroy(a) => {
             manager()?.release(a.id).await?;
-            print(a.json, &json!({"id": a.id, "released": true}), |v| {
+            super::print_lines(a.json, &json!({"id": a.id, "released": true}), |v| {
                 format!(
                     "VM {} let go: auto-renewal off, stopped, forgotten here (it lapses at expiry)",
                     v["id"]
@@ -343,14 +343,14 @@ async fn run(home: &Home, config: &Config, args: VpsArgs) -> anyhow::Result<()> 
 
 async fn power(client: &LnvpsClient, a: IdArgs, action: &str) -> anyhow::Result<()> {
     client.power(a.id, action).await?;
-    print(a.json, &json!({"id": a.id, "action": action}), |v| {
+    super::print_lines(a.json, &json!({"id": a.id, "action": action}), |v| {
         format!("VM {}: {} requested", v["id"], action)
     })
 }
 
 fn print_vm(json: bool, vm: &RentedVm) -> anyhow::Result<()> {
     let value = serde_json::to_value(vm)?;
-    print(json, &value, |v| {
+    super::print_lines(json, &value, |v| {
         format!(
             "VM {} is {} at {} (ssh {}@{}), paid until {}",
             v["id"],
@@ -361,17 +361,4 @@ fn print_vm(json: bool, vm: &RentedVm) -> anyhow::Result<()> {
             v["expires"].as_str().unwrap_or("?")
         )
     })
-}
-
-/// `--json`: one document; otherwise one line per element (or the one value).
-fn print(json: bool, value: &Value, line: impl Fn(&Value) -> String) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
-        return Ok(());
-    }
-    match value.as_array() {
-        Some(list) => list.iter().for_each(|v| println!("{}", line(v))),
-        None => println!("{}", line(value)),
-    }
-    Ok(())
 }

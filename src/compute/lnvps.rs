@@ -664,6 +664,19 @@ impl VmManager {
         }
     }
 
+    /// The manager of `home`'s VMs, with an API client from its config.
+    pub fn for_home(
+        home: &Home,
+        config: &crate::config::Config,
+        db: Db,
+    ) -> Result<VmManager, ComputeError> {
+        Ok(VmManager::new(
+            home,
+            db,
+            LnvpsClient::for_home(home, config)?,
+        ))
+    }
+
     pub fn client(&self) -> &LnvpsClient {
         &self.client
     }

@@ -8,7 +8,7 @@ use reqwest::Url;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::{checked_url, LnurlError};
+use super::{checked_url, parse_body, redacted, LnurlError};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_BODY: usize = 64 * 1024;
@@ -22,49 +22,36 @@ pub struct PayRequest {
     pub metadata: String,
 }
 
+/// GETs `url` (no redirects, bounded body) and reads it with the LNURL rules every flow shares (`parse_body`:
+/// JSON, `{"status": "ERROR"}` as the service's refusal). Errors name the URL without its query.
 async fn get_json(url: &Url) -> Result<Value, LnurlError> {
     let err = |reason: String| LnurlError::Http {
-        url: url.to_string(),
+        url: redacted(url),
         reason,
     };
     let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(TIMEOUT)
         .build()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| LnurlError::Invalid(format!("HTTP client: {e}")))?;
     let mut response = client
         .get(url.clone())
         .send()
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.without_url().to_string()))?;
     let status = response.status();
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| err(e.to_string()))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| err(e.without_url().to_string()))?
+    {
         body.extend_from_slice(&chunk);
         if body.len() > MAX_BODY {
             return Err(err(format!("answer larger than {MAX_BODY} bytes")));
         }
     }
-    let value: Value = serde_json::from_slice(&body).map_err(|_| {
-        err(format!(
-            "HTTP {status}, not JSON: {}",
-            String::from_utf8_lossy(&body)
-                .chars()
-                .take(120)
-                .collect::<String>()
-        ))
-    })?;
-    if value["status"]
-        .as_str()
-        .is_some_and(|s| s.eq_ignore_ascii_case("ERROR"))
-    {
-        return Err(LnurlError::Service {
-            url: url.to_string(),
-            reason: value["reason"]
-                .as_str()
-                .unwrap_or("no reason given")
-                .to_string(),
-        });
-    }
+    let value = parse_body(url, status, &body)?;
     if !status.is_success() {
         return Err(err(format!("HTTP {status}")));
     }
@@ -76,7 +63,7 @@ pub async fn pay_request(url: &str, network: &str) -> Result<PayRequest, LnurlEr
     let url = checked_url(url, network)?;
     let v = get_json(&url).await?;
     let invalid = |reason: &str| LnurlError::InvalidResponse {
-        url: url.to_string(),
+        url: redacted(&url),
         reason: reason.to_string(),
     };
     if v["tag"] != "payRequest" {
@@ -123,7 +110,7 @@ pub async fn invoice(request: &PayRequest, amount_msat: u64) -> Result<String, L
         .append_pair("amount", &amount_msat.to_string());
     let v = get_json(&url).await?;
     let invalid = |reason: String| LnurlError::InvalidResponse {
-        url: request.callback.to_string(),
+        url: redacted(&request.callback),
         reason,
     };
     let pr = v["pr"]

@@ -11,7 +11,7 @@ use nostr::{Filter, Kind};
 
 use super::site;
 use super::{set, transition, Child, ChildState, ReplicationError, FUND_PURPOSE};
-use crate::compute::lnvps::{LnvpsClient, RentPayer, VmManager};
+use crate::compute::lnvps::{RentPayer, VmManager};
 use crate::config::Config;
 use crate::home::Home;
 use crate::state::{now_rfc3339, Db};
@@ -136,28 +136,9 @@ async fn observe(home: &Home, config: &Config, db: &Db, child: &Child) -> Observ
 
 /// The status on the child's latest Nostr card, if a relay has one.
 async fn card_status(home: &Home, config: &Config, child: &Child) -> Option<String> {
-    let npub = child.npub.as_deref()?;
-    let author = crate::nostr::parse_public_key(npub).ok()?;
-    let relays = crate::nostr::relays::RelaySet::from_config(config).ok()?;
-    if relays.is_empty() {
-        return None;
-    }
-    let keys = crate::nostr::keys::agent_keys(home).ok()?;
-    let client = crate::nostr::relays::client(&keys, &relays).await.ok()?;
-    crate::nostr::relays::wait_connected(&client, Duration::from_secs(3)).await;
-    let filter = Filter::new()
-        .kind(Kind::Custom(crate::nostr::CARD_KIND))
-        .author(author)
-        .limit(5);
-    let events = crate::nostr::relays::fetch(&client, filter, Duration::from_secs(3))
-        .await
-        .ok()?;
-    client.shutdown().await;
-    events
-        .iter()
-        .filter_map(|e| crate::nostr::card::parse_card(e).ok())
-        .max_by_key(|c| c.created_at)
-        .and_then(|c| c.status)
+    latest_card(home, config, child)
+        .await?
+        .status
         .map(|s| s.as_str().to_string())
 }
 
@@ -169,6 +150,9 @@ pub async fn latest_card(
 ) -> Option<crate::nostr::card::AgentCard> {
     let author = crate::nostr::parse_public_key(child.npub.as_deref()?).ok()?;
     let relays = crate::nostr::relays::RelaySet::from_config(config).ok()?;
+    if relays.is_empty() {
+        return None;
+    }
     let keys = crate::nostr::keys::agent_keys(home).ok()?;
     let client = crate::nostr::relays::client(&keys, &relays).await.ok()?;
     crate::nostr::relays::wait_connected(&client, Duration::from_secs(3)).await;
@@ -265,7 +249,7 @@ pub async fn clean_up(
         Err(e) => format!("not stopped ({e})"),
     };
     if let (Some(id), "lnvps") = (child.vm_id, child.provider.as_str()) {
-        let manager = VmManager::new(home, db.clone(), LnvpsClient::for_home(home, config)?);
+        let manager = VmManager::for_home(home, config, db.clone())?;
         manager.release(id).await?;
         detail.push_str(&format!("; VM {id} let go"));
     }

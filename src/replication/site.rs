@@ -11,7 +11,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::{Child, ReplicationError};
-use crate::compute::lnvps::{LnvpsClient, VmManager};
+use crate::compute::lnvps::VmManager;
 use crate::compute::ssh::quote;
 use crate::compute::{ComputeProvider, ExecOutput, ExecRequest};
 use crate::config::Config;
@@ -284,7 +284,7 @@ pub async fn provider_for(
             let id = child.vm_id.ok_or_else(|| {
                 ReplicationError::Failed(format!("child {} has no VM yet", child.name))
             })?;
-            let manager = VmManager::new(home, db.clone(), LnvpsClient::for_home(home, config)?);
+            let manager = VmManager::for_home(home, config, db.clone())?;
             Ok(Arc::new(manager.compute(id).await?))
         }
         "local" => Ok(Arc::new(crate::compute::local::LocalCompute::new(

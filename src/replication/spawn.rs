@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::site::{self, Site, PROVIDERS};
 use super::{set, transition, Child, ChildState, ReplicationError, FUND_PURPOSE};
-use crate::compute::lnvps::{LnvpsClient, RentPayer, RentRequest, VmManager};
+use crate::compute::lnvps::{RentPayer, RentRequest, VmManager};
 use crate::config::Config;
 use crate::home::Home;
 use crate::money::tiers::SurvivalTier;
@@ -355,11 +355,7 @@ impl Spawner<'_> {
             }
             return Ok(());
         }
-        let manager = VmManager::new(
-            self.home,
-            self.db.clone(),
-            LnvpsClient::for_home(self.home, self.config)?,
-        );
+        let manager = VmManager::for_home(self.home, self.config, self.db.clone())?;
         let id = match child.vm_id {
             Some(id) => id,
             None => {
@@ -504,11 +500,7 @@ impl Spawner<'_> {
     /// Where the child's HTTP face listens: on a VM, its own address; elsewhere a free loopback port.
     async fn child_listen(&self, child: &Child, _site: &Site) -> Result<String, ReplicationError> {
         if let (Some(id), "lnvps") = (child.vm_id, child.provider.as_str()) {
-            let manager = VmManager::new(
-                self.home,
-                self.db.clone(),
-                LnvpsClient::for_home(self.home, self.config)?,
-            );
+            let manager = VmManager::for_home(self.home, self.config, self.db.clone())?;
             if let Some(ip) = manager.get(id).await?.and_then(|vm| vm.ip) {
                 return Ok(format!("{ip}:8080"));
             }
@@ -525,11 +517,7 @@ impl Spawner<'_> {
         let Some(id) = child.vm_id.filter(|_| child.provider == "lnvps") else {
             return Ok(None);
         };
-        let manager = VmManager::new(
-            self.home,
-            self.db.clone(),
-            LnvpsClient::for_home(self.home, self.config)?,
-        );
+        let manager = VmManager::for_home(self.home, self.config, self.db.clone())?;
         let vm = manager
             .get(id)
             .await?

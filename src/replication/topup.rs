@@ -4,13 +4,12 @@
 //! paying is recognised by its receipt, never paid again.
 
 use chrono::{DateTime, Utc};
-use rusqlite::params;
 
 use super::ReplicationError;
 use crate::compute::lnvps::RentPayer;
 use crate::config::Config;
 use crate::money::tiers::SurvivalTier;
-use crate::state::{history, now_rfc3339, Db};
+use crate::state::{history, Db};
 
 /// kv: until when the child's VM is paid (RFC 3339), after the top-ups it made.
 pub const PAID_UNTIL_KEY: &str = "replication.own_vm.paid_until";
@@ -21,16 +20,9 @@ async fn kv(db: &Db, key: &'static str) -> Result<Option<String>, ReplicationErr
     Ok(db.call(move |c| history::kv_get(c, key)).await?)
 }
 
-async fn kv_put(db: &Db, key: &'static str, value: Option<String>) -> Result<(), ReplicationError> {
-    db.call(move |c| match value {
-        Some(v) => c.execute(
-            "INSERT INTO kv (key, value, updated_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-            params![key, v, now_rfc3339()],
-        ),
-        None => c.execute("DELETE FROM kv WHERE key = ?1", [key]),
-    })
-    .await?;
+async fn kv_clear(db: &Db, key: &'static str) -> Result<(), ReplicationError> {
+    db.call(move |c| c.execute("DELETE FROM kv WHERE key = ?1", [key]))
+        .await?;
     Ok(())
 }
 
@@ -87,7 +79,7 @@ pub async fn topup_due(
             _ if !expired(&pending) => {
                 return pay(config, db, payer, &pending, paid_until).await.map(Some)
             }
-            _ => kv_put(db, PENDING_KEY, None).await?,
+            _ => kv_clear(db, PENDING_KEY).await?,
         }
     }
     let left = (paid_until - Utc::now()).num_seconds();
@@ -113,7 +105,9 @@ pub async fn topup_due(
     let bolt11 = crate::lnurl::pay::invoice(&request, vm.topup_sats.saturating_mul(1000))
         .await
         .map_err(|e| ReplicationError::Failed(format!("VM {} top-up: {e}", vm.id)))?;
-    kv_put(db, PENDING_KEY, Some(bolt11.clone())).await?;
+    let pending = bolt11.clone();
+    db.call(move |c| history::kv_set(c, PENDING_KEY, &pending))
+        .await?;
     pay(config, db, payer, &bolt11, paid_until).await.map(Some)
 }
 
@@ -150,11 +144,7 @@ async fn extend(db: &Db, paid_until: DateTime<Utc>, secs: u64) -> Result<String,
     let value = until.clone();
     db.call(move |c| {
         let tx = c.unchecked_transaction()?;
-        tx.execute(
-            "INSERT INTO kv (key, value, updated_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-            params![PAID_UNTIL_KEY, value, now_rfc3339()],
-        )?;
+        history::kv_set(&tx, PAID_UNTIL_KEY, &value)?;
         tx.execute("DELETE FROM kv WHERE key = ?1", [PENDING_KEY])?;
         tx.commit()
     })

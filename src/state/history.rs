@@ -156,6 +156,16 @@ pub fn kv_get(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> 
         .optional()
 }
 
+/// Sets a value in the `kv` table.
+pub fn kv_set(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO kv (key, value, updated_at) VALUES (?1, ?2, ?3) \
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        rusqlite::params![key, value, crate::state::now_rfc3339()],
+    )?;
+    Ok(())
+}
+
 /// Wake events not yet consumed by the agent.
 pub fn pending_wake_events(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row(

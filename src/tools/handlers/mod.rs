@@ -37,6 +37,13 @@ pub fn builtin() -> Vec<Arc<dyn ToolHandler>> {
     ]
 }
 
+/// A JSON value as a tool's (pretty-printed) result.
+pub(crate) fn json_output(value: serde_json::Value) -> Result<super::ToolOutput, ToolError> {
+    serde_json::to_string_pretty(&value)
+        .map(super::ToolOutput::ok)
+        .map_err(|e| ToolError::Fatal(e.to_string()))
+}
+
 /// Turns a model-supplied path into the absolute path to act on: relative paths start at the compute provider's
 /// working directory; on the agent's own machine the home's protected paths are refused after resolving every
 /// symlink and `..`.

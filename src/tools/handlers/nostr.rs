@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::json_output;
 use crate::nostr::discover::{self, Query};
 use crate::nostr::distress::{self, NoDistress, Trigger};
 use crate::nostr::outbox::Purpose;
@@ -43,12 +44,6 @@ fn setup(ctx: &ToolContext) -> Result<(nostr::Keys, RelaySet), ToolError> {
     let relays = RelaySet::from_config(&ctx.config).map_err(respond)?;
     relays.require().map_err(respond)?;
     Ok((keys, relays))
-}
-
-fn json_output(value: Value) -> Result<ToolOutput, ToolError> {
-    serde_json::to_string_pretty(&value)
-        .map(ToolOutput::ok)
-        .map_err(|e| ToolError::Fatal(format!("encoding a tool result: {e}")))
 }
 
 pub struct PublishAgentCardTool;

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::json_output;
 use crate::compute::lnvps::WalletPayer;
 use crate::replication::spawn::{SpawnRequest, Spawner};
 use crate::replication::{self, health, messages, ReplicationError};
@@ -26,12 +27,6 @@ pub fn tools() -> Vec<Arc<dyn ToolHandler>> {
 
 fn respond(e: ReplicationError) -> ToolError {
     ToolError::Respond(e.to_string())
-}
-
-fn json_output(value: Value) -> Result<ToolOutput, ToolError> {
-    serde_json::to_string_pretty(&value)
-        .map(ToolOutput::ok)
-        .map_err(|e| ToolError::Fatal(e.to_string()))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(args: Value) -> Result<T, ToolError> {

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::json_output;
 use crate::compute::lnvps::{LnvpsClient, RentRequest, VmManager, WalletPayer};
 use crate::tools::{Risk, ToolContext, ToolDef, ToolError, ToolHandler, ToolOutput};
 
@@ -36,12 +37,6 @@ async fn wallet(ctx: &ToolContext) -> Result<&crate::wallet::Wallet, ToolError> 
         .await
         .map_err(|e| ToolError::Respond(format!("cannot pay now: {e}")))?;
     Ok(w)
-}
-
-fn json_output(value: Value) -> Result<ToolOutput, ToolError> {
-    serde_json::to_string_pretty(&value)
-        .map(ToolOutput::ok)
-        .map_err(|e| ToolError::Fatal(e.to_string()))
 }
 
 pub struct RentVpsTool;

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::json_output;
 use crate::money::receipts::{self, Direction, ReceiptFilter};
 use crate::money::tiers;
 use crate::tools::{Risk, ToolContext, ToolDef, ToolError, ToolHandler, ToolOutput};
@@ -62,12 +63,6 @@ fn respond(e: WalletError) -> ToolError {
         }
         other => ToolError::Respond(other.to_string()),
     }
-}
-
-fn json_output(value: Value) -> Result<ToolOutput, ToolError> {
-    serde_json::to_string_pretty(&value)
-        .map(ToolOutput::ok)
-        .map_err(|e| ToolError::Fatal(format!("encoding a tool result: {e}")))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(args: Value) -> Result<T, ToolError> {
