@@ -73,14 +73,7 @@ fn hex(bytes: &[u8]) -> String {
 pub fn record_constitution(home: &Home, db: &Db) -> Result<String, GenesisError> {
     let hash = constitution_hash(home)?;
     let value = hash.clone();
-    db.call_blocking(move |c| {
-        c.execute(
-            "INSERT INTO kv (key, value, updated_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-            rusqlite::params![CONSTITUTION_HASH_KEY, value, crate::state::now_rfc3339()],
-        )?;
-        Ok(())
-    })?;
+    db.call_blocking(move |c| history::kv_set(c, CONSTITUTION_HASH_KEY, &value))?;
     Ok(hash)
 }
 
