@@ -435,7 +435,7 @@ async fn failing_model_is_retried_with_backoff_and_the_agent_keeps_running() {
             .insert_header("retry-after", "1")
             .set_body_json(json!({"error": {"message": "slow down", "type": "rate_limit"}})),
         // Slower than the configured timeout.
-        2 => text("too late").set_delay(Duration::from_secs(4)),
+        2 => text("too late").set_delay(Duration::from_secs(12)),
         3 => tool_call("sleep", json!({"seconds": 60})),
         4..=7 => error(503, "still down"),
         _ => text("back on my feet"),
@@ -446,7 +446,7 @@ async fn failing_model_is_retried_with_backoff_and_the_agent_keeps_running() {
     agent.run_turns(
         3,
         &[
-            ("AUTOMATON__INFERENCE__TIMEOUT_SECS", "1"),
+            ("AUTOMATON__INFERENCE__TIMEOUT_SECS", "4"),
             ("AUTOMATON__INFERENCE__MAX_RETRIES", "3"),
             ("AUTOMATON__INFERENCE__RETRY_BASE_MS", "20"),
             ("AUTOMATON__INFERENCE__RETRY_MAX_MS", "100"),

@@ -695,7 +695,9 @@ async fn the_l402_buyer_pays_once_caches_and_refuses_what_it_should() {
     agent.wait_ready();
     let (address, _) = agent.face();
     fund_via_address(world, &agent, &address, 60_000, "spending money").await;
-    let (base, seller, server) = start_seller(world, 3).await;
+    // Credentials live 12 s: long enough to pay and reuse one on a busy machine, short enough to see one expire.
+    const VALIDITY_SECS: u64 = 12;
+    let (base, seller, server) = start_seller(world, VALIDITY_SECS).await;
 
     // Hostile or malformed 402s never pay: exit 2, no payment receipt.
     for path in ["none", "garbage", "mismatch"] {
@@ -722,6 +724,7 @@ async fn the_l402_buyer_pays_once_caches_and_refuses_what_it_should() {
 
     // An honest seller: paid once, then the cached credential serves the same path and below.
     let url = format!("{base}/honest/data");
+    let bought_from = std::time::Instant::now();
     let first = fetch_json(&agent, &[&url]);
     assert_eq!(first["status"], 200);
     assert_eq!(first["paid_msat"], 100_000);
@@ -756,7 +759,8 @@ async fn the_l402_buyer_pays_once_caches_and_refuses_what_it_should() {
     assert!(!tokens.to_string().contains(&seller_secret_marker()));
 
     // After its valid_until the credential is not sent again: a new one is bought.
-    std::thread::sleep(Duration::from_secs(4));
+    let expired_at = bought_from + Duration::from_secs(VALIDITY_SECS + 1);
+    std::thread::sleep(expired_at.saturating_duration_since(std::time::Instant::now()));
     let renewed = fetch_json(&agent, &[&url]);
     assert_eq!(renewed["from_cache"], false);
     assert_eq!(renewed["paid_msat"], 100_000);
@@ -998,7 +1002,7 @@ async fn the_creator_buys_the_agents_paid_services_and_bad_credentials_get_a_fre
         services.path(),
         "http:\n  services:\n    - name: status-attestation\n      path: /l402/status\n      price_sats: 21\n      \
          kind: attestation\n      description: signed status\n    - name: fortune\n      path: /l402/fortune\n      \
-         price_sats: 30\n      validity_secs: 6\n      kind: static\n      response: '{\"fortune\": \"sats flow to \
+         price_sats: 30\n      validity_secs: 15\n      kind: static\n      response: '{\"fortune\": \"sats flow to \
          the useful\"}'\n",
     )
     .unwrap();
@@ -1088,7 +1092,7 @@ async fn the_creator_buys_the_agents_paid_services_and_bad_credentials_get_a_fre
     );
     let start = Instant::now();
     let mut expired = false;
-    while start.elapsed() < Duration::from_secs(30) && !expired {
+    while start.elapsed() < Duration::from_secs(60) && !expired {
         expired = face_get(&fortune_url, Some(&fortune_auth)).await.0 == 402;
         if !expired {
             tokio::time::sleep(Duration::from_millis(500)).await;

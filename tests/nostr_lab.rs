@@ -722,12 +722,17 @@ async fn draining_an_agent_to_critical_sends_exactly_one_distress_note_with_a_pa
         .await
     );
 
-    // The creator got it privately too (NIP-17 gift wrap to their key).
-    let wraps = req(
-        &relay_url(world),
-        json!({"kinds": [1059], "#p": [creator.public_key().to_hex()]}),
-    )
-    .await;
+    // The creator got it privately too (NIP-17 gift wrap to their key; its own outbox row, maybe one flush later).
+    let wrap_filter = json!({"kinds": [1059], "#p": [creator.public_key().to_hex()]});
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let (relay, filter) = (relay_url(world), wrap_filter.clone());
+            async move { !req(&relay, filter).await.is_empty() }
+        })
+        .await,
+        "the creator's private message never reached the relay"
+    );
+    let wraps = req(&relay_url(world), wrap_filter.clone()).await;
     assert_eq!(wraps.len(), 1, "{wraps:?}");
     let wrap: nostr::Event = nostr::JsonUtil::from_json(wraps[0].to_string()).unwrap();
     let unwrapped = nostr::nips::nip59::UnwrappedGift::from_gift_wrap(&creator, &wrap)

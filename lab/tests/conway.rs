@@ -242,7 +242,7 @@ async fn sandboxes_are_prepaid_and_run_commands() {
     // Timeout (ms): partial output, a non-zero exit code, and the command's whole process group killed.
     let started = Instant::now();
     let out = api
-        .exec(&id, "sleep 300 & echo $!; echo partial; sleep 300", 500)
+        .exec(&id, "sleep 300 & echo $!; echo partial; sleep 300", 3000)
         .await;
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(out["exit_code"], 124);
@@ -344,8 +344,14 @@ async fn sandboxes_are_prepaid_and_run_commands() {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = server.accept().await {
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
+                // The whole request first: answering early makes the client see an unexpected message.
+                let (mut request, mut buf) = (Vec::new(), [0u8; 1024]);
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let _ = s
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\nconnection: close\r\n\r\nsandboxed")
                     .await;

@@ -173,9 +173,18 @@ async fn agent_gets_a_jit_channel_pays_the_merchant_and_force_closes() {
         panic!("no preimage in {success:?}")
     };
     let hash = created["payment_hash"].as_str().unwrap();
-    let (status, invoice_status) = control.get(&format!("/lab/merchant/invoice/{hash}")).await;
-    assert_eq!(status, 200);
-    assert_eq!(invoice_status["paid"], true);
+    // The merchant's node records its claim a moment after it released the preimage.
+    let invoice_status = poll(
+        Duration::from_secs(10),
+        "the merchant records the payment",
+        || async {
+            let (status, invoice_status) =
+                control.get(&format!("/lab/merchant/invoice/{hash}")).await;
+            assert_eq!(status, 200);
+            (invoice_status["paid"] == true).then_some(invoice_status)
+        },
+    )
+    .await;
     assert_eq!(invoice_status["preimage"], hex::encode(preimage.0));
 
     // The agent force-closes. It trusts the hub (no anchor reserve of its own), so ldk-node leaves the broadcast
@@ -590,13 +599,19 @@ async fn creator_pays_lightning_addresses_and_lnurls_after_checking_them() {
         paid.get("warnings").is_none(),
         "no warnings expected: {paid}"
     );
-    let (_, status) = control
-        .get(&format!(
-            "/lab/merchant/invoice/{}",
-            paid["payment_hash"].as_str().unwrap()
-        ))
-        .await;
-    assert_eq!(status["paid"], true);
+    let path = format!(
+        "/lab/merchant/invoice/{}",
+        paid["payment_hash"].as_str().unwrap()
+    );
+    let status = poll(
+        Duration::from_secs(10),
+        "the merchant records the payment",
+        || async {
+            let (_, status) = control.get(&path).await;
+            (status["paid"] == true).then_some(status)
+        },
+    )
+    .await;
     assert_eq!(status["amount_msat"], 2_000_000);
     assert_eq!(svc.comments.lock().unwrap().as_slice(), ["for coffee"]);
 

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 static FAULTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// Orders are reaped after this many seconds in this binary's world.
-const UNPAID_SECS: u64 = 30;
+const UNPAID_SECS: u64 = 60;
 
 fn world() -> &'static World {
     static ENV: Once = Once::new();

@@ -1,5 +1,7 @@
 //! A real OpenSSH server for tests: `/usr/sbin/sshd -D` on a random loopback port, with its own host key, one
-//! authorised client key, `UsePAM no`, `StrictModes no` and `Subsystem sftp internal-sftp`. It dies with the test:
+//! authorised client key, `UsePAM no`, `StrictModes no` and `Subsystem sftp internal-sftp`. Sessions get their own
+//! empty `HOME` (as the lab's VMs do): bash reads `$HOME/.bashrc` when sshd runs a command, and the account's real
+//! rc files (a `pyenv init` on this machine) print their own noise under load. It dies with the test:
 //! killed on drop, and (PR_SET_PDEATHSIG) when the thread that started it ends.
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
@@ -42,6 +44,8 @@ impl Sshd {
             .to_string();
         let client_key = dir.path().join("client/id_ed25519");
         let client_pub = ensure_keypair(&client_key, "automaton-test").expect("client key");
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&home).expect("session home");
         let authorized = dir.path().join("authorized_keys");
         std::fs::write(&authorized, format!("{client_pub}\n")).expect("authorized_keys");
 
@@ -55,7 +59,8 @@ impl Sshd {
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile none\nAuthorizedKeysFile {auth}\n\
                      UsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                      PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n\
-                     LogLevel ERROR\n",
+                     LogLevel ERROR\nSetEnv HOME=\"{home}\"\n",
+                    home = home.display(),
                     host = host_key_path.display(),
                     auth = authorized.display(),
                 ),
@@ -127,6 +132,11 @@ impl Sshd {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The sessions' `HOME`.
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
     }
 
     pub fn pid(&self) -> u32 {

@@ -251,7 +251,7 @@ mod tests {
             "t1",
             dir.path(),
             "echo before; sleep 30; echo after",
-            Duration::from_millis(300),
+            Duration::from_secs(2),
         )
         .unwrap();
         assert!(out.timed_out);
