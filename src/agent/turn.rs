@@ -68,7 +68,7 @@ impl TurnRecord {
     pub async fn persist(&self, db: &Db, outcome: String) -> Result<(), StateError> {
         let turn = self.clone();
         db.call(move |c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let thinking = Some(turn.thinking.join("\n\n")).filter(|t| !t.trim().is_empty());
             tx.execute(
                 "INSERT INTO turns (id, started_at, ended_at, input, input_source, thinking, outcome, \

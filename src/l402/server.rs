@@ -473,7 +473,7 @@ impl Seller {
         self.inner
             .db
             .call(move |conn| {
-                let tx = conn.transaction()?;
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 for (id, paid) in &verdicts {
                     if *paid {
                         tx.execute(

@@ -139,7 +139,7 @@ async fn store(db: &Db, cards: &[(AgentCard, String)]) -> Result<(), NostrError>
         })
         .collect();
     db.call(move |c| {
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let now = now_rfc3339();
         for (pubkey, event_id, created_at, card, json) in rows {
             tx.execute(

@@ -896,7 +896,7 @@ async fn reserve(
     let payment_hash = payment_hash.to_string();
     db.call(move |c| {
         // One transaction on the agent's one connection: two requests cannot both see the same headroom.
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let revoked: Option<String> = tx.query_row(
             "SELECT revoked_at FROM nwc_connections WHERE id = ?1",
             [&connection.id],

@@ -55,7 +55,7 @@ pub async fn enqueue(
     let kind = u16::from(event.kind) as i64;
     let json = event.as_json();
     db.call(move |c| {
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let now = now_rfc3339();
         if purpose == Purpose::Card {
             tx.execute(

@@ -156,7 +156,7 @@ pub async fn receive(home: &Home, config: &Config, db: &Db) -> Result<usize, Rep
         let (peer, npub) = (peer.clone(), npub.clone());
         let inserted = db
             .call(move |c| {
-                let tx = c.unchecked_transaction()?;
+                let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
                 let n = tx.execute(
                     "INSERT OR IGNORE INTO family_messages (event_id, direction, peer, peer_npub, text, at) \
                      VALUES (?1, 'in', ?2, ?3, ?4, ?5)",

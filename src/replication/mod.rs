@@ -271,7 +271,7 @@ pub async fn transition(
     let name = name.to_string();
     let done = db
         .call(move |c| {
-            let tx = c.unchecked_transaction()?;
+            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
             let current: Option<String> = tx
                 .query_row("SELECT state FROM children WHERE name = ?1", [&name], |r| {
                     r.get(0)
@@ -402,7 +402,8 @@ async fn take_db_lease(db: &Db, name: &str) -> Result<(), ReplicationError> {
     let me = std::process::id() as i64;
     let holder = db
         .call(move |c| {
-            let tx = c.unchecked_transaction()?;
+            let tx =
+                rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
             let pid: Option<i64> = tx
                 .query_row(
                     "SELECT worker_pid FROM children WHERE name = ?1",

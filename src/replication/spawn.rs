@@ -184,7 +184,7 @@ pub async fn request(
     let r = req.clone();
     let now = now_rfc3339();
     db.call(move |c| {
-        let tx = c.unchecked_transaction()?;
+        let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO children (name, state, provider, specialization, genesis, fund_sats, template, target, \
              created_at, updated_at) VALUES (?1, 'requested', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",

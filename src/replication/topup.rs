@@ -143,7 +143,7 @@ async fn extend(db: &Db, paid_until: DateTime<Utc>, secs: u64) -> Result<String,
         (paid_until.max(Utc::now()) + secs).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let value = until.clone();
     db.call(move |c| {
-        let tx = c.unchecked_transaction()?;
+        let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
         history::kv_set(&tx, PAID_UNTIL_KEY, &value)?;
         tx.execute("DELETE FROM kv WHERE key = ?1", [PENDING_KEY])?;
         tx.commit()

@@ -1,4 +1,8 @@
 //! The agent's SQLite state: opening (WAL), numbered migrations, and running blocking DB work off the executor.
+//!
+//! Several processes share the file (`automaton run` and the CLI commands). A transaction that writes begins
+//! `IMMEDIATE`: a deferred one that reads first and then writes fails at once with "database is locked" when another
+//! process wrote in between (SQLite cannot wait there), where an immediate one waits out the busy timeout.
 
 pub mod history;
 
