@@ -428,6 +428,62 @@ async fn a_child_can_live_in_another_home_on_the_same_machine() {
     running.stop();
 }
 
+/// One tool call: the parent's own loop (the lab model, steered by its genesis) calls `spawn_child` in its first
+/// turns, while it is being funded. Whether the call lands before the money (the spawn then waits for it to pay the
+/// child) or is refused by the tier gate and made again after the funding wakes the loop, exactly one spawn is
+/// accepted and runs in the background until the child is alive.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_loop_spawns_a_child_with_one_tool_call() {
+    let world = world::shared();
+    let layer = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(layer.path(), PARENT_LIMITS).unwrap();
+    let parent = LabAgent::set_up_with_genesis(
+        world,
+        "raiser",
+        "You are a test agent that raises helpers.\n\
+         lab-scenario: spawn loop-kid 15000 provider=local Keep the parent's notes tidy.",
+        &["--config-from", layer.path().to_str().unwrap()],
+    );
+    let base = parent.home().join("children").join("loop-kid");
+    let _guard = LocalChild(base.clone());
+    // A supervised process with a pid file (no systemd user session in a test).
+    let running = parent.start_with_env(&[("AUTOMATON_SUPERVISOR", "pidfile")]);
+    parent.wait_ready();
+    parent.fund(world, 80_000).await;
+    assert!(
+        eventually(Duration::from_secs(240), || state_of(&parent, "loop-kid")
+            == "alive"),
+        "the child never came alive: {:?}\n{}",
+        child_named(&parent, "loop-kid"),
+        parent.logs()
+    );
+    let kid = child_named(&parent, "loop-kid").unwrap();
+    assert_eq!(kid["provider"], "local", "{kid}");
+    let status = child_json(&base.join("home"), &["status", "--json"]);
+    assert_eq!(status["node_id"], kid["node_id"], "{status}");
+    // The loop made the call, and accepted it once.
+    let db = automaton::state::Db::open(&parent.home().join("state.db")).unwrap();
+    let calls = db.call_blocking(|c| {
+        let mut stmt =
+            c.prepare("SELECT is_error FROM tool_calls WHERE name = 'spawn_child' ORDER BY rowid")?;
+        let rows = stmt.query_map([], |r| r.get::<_, bool>(0))?;
+        rows.collect::<Result<Vec<_>, _>>()
+    });
+    let calls = calls.unwrap();
+    eprintln!("spawn_child calls (is_error): {calls:?}");
+    assert_eq!(calls.last(), Some(&false), "{calls:?}");
+    assert_eq!(calls.iter().filter(|e| !**e).count(), 1, "{calls:?}");
+    assert_eq!(
+        parent
+            .receipts()
+            .iter()
+            .filter(|r| r["purpose"] == "replication.fund" && r["status"] == "succeeded")
+            .count(),
+        1
+    );
+    running.stop();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_child_can_live_on_a_machine_reached_over_ssh() {
     let world = world::shared();

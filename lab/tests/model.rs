@@ -239,6 +239,8 @@ struct Agent<'a> {
     tools: Vec<Value>,
     messages: Vec<Value>,
     files: HashMap<String, String>,
+    /// Tools answered with this refusal instead of running (as the agent's tier gate does).
+    refused: HashMap<String, String>,
 }
 
 impl<'a> Agent<'a> {
@@ -248,6 +250,7 @@ impl<'a> Agent<'a> {
             tools,
             messages: vec![json!({"role": "system", "content": system})],
             files: HashMap::new(),
+            refused: HashMap::new(),
         }
     }
 
@@ -270,6 +273,9 @@ impl<'a> Agent<'a> {
     }
 
     fn execute(&mut self, name: &str, args: &Value) -> String {
+        if let Some(refusal) = self.refused.get(name) {
+            return refusal.clone();
+        }
         match name {
             "system_synopsis" => "agent: lab-agent\ntier: normal\nbalance_sats: 50000".to_owned(),
             "write_file" => {
@@ -676,6 +682,36 @@ async fn scenarios_unlock_only_their_own_tool() {
             assert!(!names(&calls).contains(&tool_name), "{line}: {calls:?}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_spawn_the_tier_refused_is_tried_again_later_on_the_named_provider() {
+    let model = Model::start().await;
+    let system = system_prompt(
+        "lab-scenario: spawn helper 15000 provider=local keeps notes",
+        &[],
+    );
+    let mut agent = Agent::new(&model, system, all_tools());
+    let expected = json!({"name": "helper", "specialization": "keeps notes", "fund_sats": 15000, "provider": "local"});
+    agent.refused.insert(
+        "spawn_child".into(),
+        "error: spawn_child is disabled while your survival tier is critical: get funded (or ask your creator) first"
+            .into(),
+    );
+    let calls = agent.turn("wake").await;
+    let spawns: Vec<_> = calls.iter().filter(|(n, _)| n == "spawn_child").collect();
+    assert_eq!(spawns.len(), 1, "{calls:?}");
+    assert_eq!(spawns[0].1, expected);
+    // Funded: the next turn tries again, and once it went through, never again.
+    agent.refused.clear();
+    let calls = agent.turn("wake: funds arrived").await;
+    assert_eq!(
+        calls.iter().filter(|(n, _)| n == "spawn_child").count(),
+        1,
+        "{calls:?}"
+    );
+    let calls = agent.turn("wake again").await;
+    assert!(!names(&calls).contains(&"spawn_child"), "{calls:?}");
 }
 
 #[tokio::test]

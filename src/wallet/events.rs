@@ -57,6 +57,9 @@ pub(super) async fn pump(wallet: Wallet, cancel: CancellationToken) {
     }
 }
 
+/// How long a received payment's wake waits for the money to become spendable.
+const SPENDABLE_BEFORE_WAKE: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn handle(wallet: &Wallet, node: &Node, event: &Event) -> Result<(), WalletError> {
     tracing::info!(event = %describe(event), "node event");
     let db = &wallet.inner.db;
@@ -161,14 +164,20 @@ async fn handle(wallet: &Wallet, node: &Node, event: &Event) -> Result<(), Walle
             wallet.sign_receipt(receipt).await?;
             wallet.changed_balance().await;
             if !already {
-                wake_agent(
-                    wallet,
-                    format!(
-                        "You received {} sats (payment hash {hash}). Your balance changed; see check_balance.",
-                        amount_msat / 1000
-                    ),
-                )
-                .await?;
+                // The agent is woken once the money can be spent: a JIT channel opened for this payment is usable a
+                // moment after it, and an agent woken before would still see its old survival tier.
+                let reason = format!(
+                    "You received {} sats (payment hash {hash}). Your balance changed; see check_balance.",
+                    amount_msat / 1000
+                );
+                let wallet = wallet.clone();
+                tokio::spawn(async move {
+                    wallet.wait_spendable(SPENDABLE_BEFORE_WAKE).await;
+                    wallet.changed_balance().await;
+                    if let Err(error) = wake_agent(&wallet, reason).await {
+                        tracing::warn!(%error, "could not wake the agent for a received payment");
+                    }
+                });
             }
         }
         Event::ChannelReady { .. } => {

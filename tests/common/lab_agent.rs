@@ -99,6 +99,11 @@ impl LabAgent {
 
     /// Starts `automaton run` in its own process group; it dies with the test.
     pub fn start(&self) -> RunningAgent {
+        self.start_with_env(&[])
+    }
+
+    /// `automaton run` with extra environment variables.
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> RunningAgent {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -106,6 +111,7 @@ impl LabAgent {
         let log = std::fs::File::create(self.dir.path().join(format!("run-{stamp}.log")))
             .expect("run log");
         let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
         cmd.arg("run")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -471,12 +471,17 @@ impl<'a> Turn<'a> {
                     .cloned()
                     .unwrap_or_else(|| "child-1".to_owned());
                 let fund_sats = scenario.number().unwrap_or(5_000);
+                let provider = scenario
+                    .args
+                    .iter()
+                    .find_map(|arg| arg.strip_prefix("provider="))
+                    .map(str::to_owned);
                 let words: Vec<&str> = scenario
                     .args
                     .iter()
                     .skip(1)
                     .map(String::as_str)
-                    .filter(|arg| arg.parse::<u64>().is_err())
+                    .filter(|arg| arg.parse::<u64>().is_err() && !arg.starts_with("provider="))
                     .collect();
                 let specialization = if words.is_empty() {
                     "Watch the lab chain and report to the parent".to_owned()
@@ -484,7 +489,11 @@ impl<'a> Turn<'a> {
                     words.join(" ")
                 };
                 self.once_per_conversation("spawn_child", "name", &name, || {
-                    json!({"name": name, "specialization": specialization, "fund_sats": fund_sats})
+                    let mut args = json!({"name": name, "specialization": specialization, "fund_sats": fund_sats});
+                    if let Some(provider) = provider {
+                        args["provider"] = json!(provider);
+                    }
+                    args
                 })
             }
             ScenarioKind::Fund => {
@@ -576,9 +585,22 @@ impl<'a> Turn<'a> {
         let Reply::Call { arguments, .. } = &reply else {
             return None;
         };
-        let done = self.conversation.calls().any(|(_, call)| {
+        // A call the agent's survival tier refused in an earlier turn does not count: like a real model, the double
+        // tries again once something new happened (funding, say).
+        let this_turn = self
+            .conversation
+            .messages
+            .iter()
+            .rposition(|message| message.role == Role::User)
+            .unwrap_or(0);
+        let done = self.conversation.calls().any(|(index, call)| {
             call.name == tool
                 && (call.arg_str(key).as_deref() == Some(value) || &call.args() == arguments)
+                && (index > this_turn
+                    || !self
+                        .conversation
+                        .result_of(&call.id)
+                        .is_some_and(|result| result.contains("while your survival tier is")))
         });
         (!done).then_some(reply)
     }

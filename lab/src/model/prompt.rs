@@ -16,7 +16,7 @@ pub(crate) enum ScenarioKind {
     Rent,
     /// `renew ID [MONTHS]`: `renew_vps`.
     Renew,
-    /// `spawn [NAME] [FUND_SATS] [SPECIALIZATION…]`: `spawn_child`.
+    /// `spawn [NAME] [FUND_SATS] [provider=NAME] [SPECIALIZATION…]`: `spawn_child`.
     Spawn,
     /// `fund NAME SATS`: `fund_child`.
     Fund,
