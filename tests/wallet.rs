@@ -691,15 +691,26 @@ async fn kill_9_in_the_middle_of_a_payment_never_pays_twice() {
                 .find(|r| r["payment_hash"] == hash.as_str())
                 .unwrap()
         };
-        assert!(
-            eventually(Duration::from_secs(90), || {
-                receipt_of()["status"] != "pending" || closing() > 0
-            }),
-            "the interrupted payment was not reconciled:\n{}",
-            node_notes(&agent)
-        );
-        let receipt = receipt_of();
-        let closed = closing() > 0;
+        // Reconciled: the receipt left `pending`, or its channel closed (money shown as closing in three reads in a
+        // row: while the node restarts, a channel's balance can show as closing for a moment).
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut closing_reads = 0;
+        let (receipt, closed) = loop {
+            let receipt = receipt_of();
+            if receipt["status"] != "pending" {
+                break (receipt, closing() > 0);
+            }
+            closing_reads = if closing() > 0 { closing_reads + 1 } else { 0 };
+            if closing_reads >= 3 {
+                break (receipt, true);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the interrupted payment was not reconciled:\n{}",
+                node_notes(&agent)
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        };
         let paid = if receipt["status"] == "succeeded" {
             merchant_settles(world, &hash).await
         } else {
@@ -745,12 +756,22 @@ async fn kill_9_in_the_middle_of_a_payment_never_pays_twice() {
                     again.status,
                     String::from_utf8_lossy(&again.stderr).trim()
                 );
-                let settled = if again.status.success() {
-                    merchant_settles(world, &hash).await
+                if again.status.success() {
+                    assert!(
+                        merchant_settles(world, &hash).await,
+                        "paid again, but the merchant never saw it"
+                    );
                 } else {
-                    merchant_paid(world, &hash).await
-                };
-                assert_eq!(again.status.success(), settled);
+                    // LDK rebuilt the first attempt's HTLC from the channel monitor: the node refuses a second
+                    // payment, and the first ends with the closed channel (the merchant may yet be paid by it). Or
+                    // the new attempt itself is caught behind it, still in flight with its reservation held.
+                    let stderr = String::from_utf8_lossy(&again.stderr);
+                    assert!(
+                        stderr.contains("already paid or is being paid")
+                            || stderr.contains("still in flight"),
+                        "{stderr}"
+                    );
+                }
             }
         } else if !paid {
             assert!(
