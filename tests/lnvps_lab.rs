@@ -229,7 +229,7 @@ async fn the_agent_rents_with_its_tool_and_the_heartbeat_renews_before_expiry() 
     assert_eq!(paid, 2);
 
     // In critical the task lets the VM go instead of paying.
-    let db = automaton::state::Db::open(&agent.home().join("state.db")).unwrap();
+    let db = agent.db();
     running.stop();
     db.call_blocking(|c| {
         c.execute(

@@ -462,8 +462,7 @@ async fn the_agent_loop_spawns_a_child_with_one_tool_call() {
     let status = child_json(&base.join("home"), &["status", "--json"]);
     assert_eq!(status["node_id"], kid["node_id"], "{status}");
     // The loop made the call, and accepted it once.
-    let db = automaton::state::Db::open(&parent.home().join("state.db")).unwrap();
-    let calls = db.call_blocking(|c| {
+    let calls = parent.db().call_blocking(|c| {
         let mut stmt =
             c.prepare("SELECT is_error FROM tool_calls WHERE name = 'spawn_child' ORDER BY rowid")?;
         let rows = stmt.query_map([], |r| r.get::<_, bool>(0))?;

@@ -173,7 +173,9 @@ async fn handle(wallet: &Wallet, node: &Node, event: &Event) -> Result<(), Walle
                 let wallet = wallet.clone();
                 tokio::spawn(async move {
                     wallet.wait_spendable(SPENDABLE_BEFORE_WAKE).await;
-                    wallet.changed_balance().await;
+                    if let Err(error) = wallet.update_tier().await {
+                        tracing::debug!(%error, "could not update the survival tier");
+                    }
                     if let Err(error) = wake_agent(&wallet, reason).await {
                         tracing::warn!(%error, "could not wake the agent for a received payment");
                     }

@@ -56,6 +56,12 @@ impl LabAgent {
         agent
     }
 
+    /// The agent's state DB (opened beside the running agent, as the CLI does).
+    pub fn db(&self) -> automaton::state::Db {
+        automaton::state::Db::open(&automaton::home::Home::at(self.home()).db_path())
+            .expect("open state db")
+    }
+
     pub fn home(&self) -> PathBuf {
         self.dir.path().join("home")
     }
