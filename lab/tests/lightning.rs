@@ -310,6 +310,25 @@ async fn concurrent_jit_opens_all_confirm() {
         let (status, body) = payment.await.unwrap();
         assert_eq!(status, 200, "{body}");
     }
+    // The hub broadcasts each funding a moment after its payment: all of them are in the mempool before mining.
+    let mempool = format!("{}/mempool/txids", world.lab_json().esplora_url);
+    poll(
+        Duration::from_secs(30),
+        "the JIT fundings reach the mempool",
+        || async {
+            let txids: Vec<String> = reqwest::get(&mempool).await.ok()?.json().await.ok()?;
+            agents
+                .iter()
+                .all(|agent| {
+                    agent.node.list_channels().first().is_some_and(|c| {
+                        c.funding_txo
+                            .is_some_and(|o| txids.contains(&o.txid.to_string()))
+                    })
+                })
+                .then_some(())
+        },
+    )
+    .await;
     control.mine(6).await;
     let mut fundings = Vec::new();
     for agent in &agents {
